@@ -178,6 +178,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = knob(False, doc="log the run to Weights & Biases")
+    project: str = knob("cltool", doc="W&B project")
+    entity: str = knob("", doc="W&B entity (empty: your default)")
+    tags: list[str] = knob([], doc="extra W&B tags")
+    mode: Literal["auto", "online", "offline"] = knob(
+        "auto", doc="auto: online when an API key and network are there, else offline"
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = knob("run", doc="recipe name; run folders live under runs/<name>/")
     method: str = knob("moco", doc=f"one of {', '.join(METHODS)}")
@@ -191,6 +202,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,14 +211,16 @@ class Recipe:
     def fingerprint(self) -> str:
         """Short hash of the canonical resolved recipe: the run id.
 
-        The name is left out, so the same settings under two names are one run.
+        The name and the W&B settings are left out: the same settings under two names, or
+        logged to two projects, are one run.
         """
         canonical = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-NOT_FINGERPRINTED = frozenset({"name"})
+#: Keys that change where results go, not what they are.
+NOT_FINGERPRINTED = frozenset({"name", "wandb"})
 
 #: Short names accepted by ``--set`` and ``cl sweep --param``.
 SHORT_NAMES: dict[str, str] = {
@@ -377,7 +391,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
 
 
 #: Tables a recipe file may hold that are not part of the run itself (used by other commands).
-LAUNCH_TABLES = frozenset({"sweep", "slurm", "wandb"})
+LAUNCH_TABLES = frozenset({"sweep", "slurm"})
 
 
 def resolve(
