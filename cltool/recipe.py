@@ -429,7 +429,7 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
     if recipe.mixing.enabled and recipe.dictionary.kind == "in_batch":
         raise RecipeError(
             f"{source}: mixing.enabled = true needs a dictionary with stored negatives: "
-            "set dictionary.kind = \"queue\""
+            'set dictionary.kind = "queue"'
         )
 
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 CONFIG = "config.toml"
 STATE = "state.json"
@@ -162,3 +162,13 @@ def find_run_dirs(root: Path) -> list[RunDir]:
     if (root / CONFIG).is_file():
         return [RunDir(root)]
     return sorted((RunDir(p.parent) for p in root.rglob(CONFIG)), key=lambda r: r.path)
+
+
+class MetricSink(Protocol):
+    """Where a run's records go besides ``metrics.jsonl`` (W&B, for one)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record, as appended to ``metrics.jsonl``."""
+
+    def finish(self, summary: dict[str, Any] | None, status: str) -> None:
+        """The run ended with ``status`` (done, failed, interrupted); summary when done."""
