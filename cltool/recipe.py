@@ -411,7 +411,7 @@ def resolve(
         key = canonical_key(key, source)
         flat[key] = _coerce(key, value, source)
     for key, value in overrides or []:
-        flat[key] = _coerce(key, value, f"--set {key}")
+        flat[key] = _coerce(key, value, "--set")
     flat.setdefault("name", default_name)
     recipe = _build(Recipe, flat)
     _check_consistency(recipe, source)

@@ -1,0 +1,5 @@
+"""``python -m cltool`` is ``cl``."""
+
+from cltool.cli import app
+
+app(prog_name="cl")

@@ -1,0 +1,181 @@
+"""The ``cl`` command: a thin face over the library functions that tests call directly.
+
+Every user error ends as one line on stderr and a non-zero exit code (2 for bad input, 1 for a
+failed run, 130 for an interrupted one), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cltool import __version__
+from cltool.errors import CLToolError
+
+app = typer.Typer(
+    name="cl",
+    help="Run, sweep and compare contrastive-learning experiments from TOML recipes.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+error_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(command: F) -> F:
+    """Turn CLToolError into ``error: <message>`` and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CLToolError as err:
+            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"cltool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Run, sweep and compare contrastive-learning experiments from TOML recipes."""
+
+
+class StopFlag:
+    """Set by the first Ctrl-C or SIGTERM; the trainer checkpoints at the next step and stops.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        error_console.print("stopping after this step (Ctrl-C again to abort now)")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+
+def summary_table(title: str, summary: dict[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("kNN top-1, trained encoder", "knn_top1", "{:.2f} %"),
+        ("kNN top-1, random encoder", "knn_top1_random", "{:.2f} %"),
+        ("kNN top-1, raw pixels", "knn_top1_pixels", "{:.2f} %"),
+        ("linear probe top-1", "linear_top1", "{:.2f} %"),
+        ("epochs", "epochs_done", "{}"),
+        ("wall time", "wall_s", "{:.1f} s"),
+        ("throughput", "imgs_per_s", "{:.0f} img/s"),
+        ("device", "device", "{}"),
+    ]
+    for label, key, fmt in rows:
+        if summary.get(key) is not None:
+            table.add_row(label, fmt.format(summary[key]))
+    return table
+
+
+@app.command()
+@one_line_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a key: dotted (`optim.lr=0.1`) or short (K, m, T, epochs, "
+            "batch_size, seed, lr). Values are TOML literals. Repeatable.",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Root folder of run folders.")] = Path(
+        "runs"
+    ),
+    force: Annotated[bool, typer.Option(help="Start over even if the run exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    wandb: Annotated[
+        bool | None,
+        typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases (default: the recipe)."),
+    ] = None,
+) -> None:
+    """Train one recipe, evaluate it and print a summary.
+
+    The run lives in `OUT/<recipe name>/<run id>/`; the run id is a hash of the resolved recipe.
+    Running the same command again resumes an unfinished run from its last checkpoint and
+    only prints the summary of a finished one.
+
+    Examples:
+
+        cl run recipes/moco.toml
+
+        cl run recipes/moco.toml --set m=0.99 --set K=1024 --set T=0.1 --set epochs=5
+
+        cl run recipes/moco.toml --set data.dataset=digits --out /tmp/runs --force
+    """
+    from cltool.recipe import load_recipe
+    from cltool.run import Interrupted, run_recipe
+
+    overrides = list(set_ or [])
+    if wandb is not None:
+        overrides.append(f"wandb.enabled={'true' if wandb else 'false'}")
+    loaded = load_recipe(recipe, overrides)
+    stop = StopFlag()
+    stop.install()
+    try:
+        outcome = run_recipe(
+            loaded, out, force=force, quiet=quiet, console=console, should_stop=stop
+        )
+    except Interrupted:
+        raise typer.Exit(130) from None
+    except CLToolError:
+        raise
+    except Exception as err:
+        log = Path(out) / loaded.name / loaded.fingerprint / "train.log"
+        raise CLToolError(
+            f"run failed: {err.__class__.__name__}: {err} (traceback in {log})"
+        ) from None
+    if not quiet and outcome.summary is not None:
+        console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", outcome.summary))
+        console.print(f"run folder: {outcome.run_dir.path}", highlight=False)
+
+
+@app.command()
+def keys() -> None:
+    """List every recipe key with its default and allowed values."""
+    from cltool.recipe import describe_keys
+
+    table = Table("key", "default", "meaning")
+    for key, default, doc in describe_keys():
+        table.add_row(key, default, doc)
+    console.print(table)

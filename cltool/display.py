@@ -1,0 +1,91 @@
+"""What a run shows while it trains: a live progress bar on a terminal, plain lines elsewhere.
+
+SLURM log files and pipes get one plain line per epoch (no control codes); ``--quiet`` shows
+nothing but errors. Every line also goes to the run's ``train.log``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class Display:
+    def __init__(self, console: Console, log_path: Path | None, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self.log_path = log_path
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def _log(self, line: str) -> None:
+        if self.log_path is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with self.log_path.open("a", encoding="utf-8") as handle:
+                handle.write(f"{stamp} {line}\n")
+
+    def message(self, text: str) -> None:
+        self._log(text)
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        if not self.live:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=done_steps, epoch="-", loss="-", rate="-"
+        )
+
+    def update(self, global_step: int, epoch: int, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=global_step,
+                epoch=epoch + 1,
+                loss=f"{record['loss']:.4f}",
+                rate=f"{record['imgs_per_s']:.0f}",
+            )
+
+    def epoch_end(self, epoch: int, epochs: int, record: dict[str, Any]) -> None:
+        line = (
+            f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  "
+            f"{record['imgs_per_s']:.0f} img/s"
+        )
+        if "knn_top1" in record:
+            line += f"  kNN {record['knn_top1']:.1f}%"
+        self._log(line)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["global_step"], epoch=epoch + 1)
+            if "knn_top1" in record:
+                self.progress.console.print(line, highlight=False)
+        elif not self.quiet:
+            self.console.print(line, highlight=False)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

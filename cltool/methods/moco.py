@@ -1,0 +1,107 @@
+"""MoCo v1/v2 (He et al. 2020; Chen et al. 2020): a query encoder, a momentum key encoder and a
+FIFO queue of keys as the dictionary, trained with InfoNCE; optionally with MoCHi's synthetic
+hard negatives (Kalantidis et al. 2020).
+
+v1 and v2 are the same code: v2 is an MLP head, stronger augmentation and a cosine learning rate,
+all recipe settings. The slots are honoured as the recipe sets them: ``key_encoder.kind =
+"shared"`` encodes keys with the query encoder (MoCo's end-to-end ablation) and
+``dictionary.kind = "in_batch"`` uses the batch's other keys as negatives instead of the queue.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltool.losses import info_nce
+from cltool.memory import KeyQueue, cosine_momentum, update_momentum_encoder
+from cltool.methods import Progress
+from cltool.mixing import mochi_negatives
+from cltool.nets import Encoder
+from cltool.recipe import Recipe
+
+
+class MoCo(nn.Module):
+    def __init__(self, recipe: Recipe, in_channels: int) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.encoder_q = Encoder(recipe.model, in_channels)
+        self.momentum_keys = recipe.key_encoder.kind == "momentum"
+        if self.momentum_keys:
+            self.encoder_k = copy.deepcopy(self.encoder_q)
+            self.encoder_k.requires_grad_(False)
+        self.queue = (
+            KeyQueue(recipe.dictionary.K, recipe.model.dim)
+            if recipe.dictionary.kind == "queue"
+            else None
+        )
+        self.T = recipe.loss.T
+        self.pending_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    def momentum(self, progress: Progress) -> float:
+        m = self.recipe.key_encoder.m
+        if self.recipe.key_encoder.m_schedule == "cosine":
+            return cosine_momentum(m, progress.fraction)
+        return m
+
+    def synthetic_negatives(
+        self, q: torch.Tensor, negatives: torch.Tensor, progress: Progress
+    ) -> torch.Tensor | None:
+        """MoCHi's mixed hard negatives [B, s + s', dim], once its start epoch is reached."""
+        mixing = self.recipe.mixing
+        if not mixing.enabled or progress.epoch < mixing.start_epoch:
+            return None
+        generator = torch.Generator(device=q.device).manual_seed(progress.seed)
+        return mochi_negatives(q, negatives, mixing.N, mixing.s, mixing.s_prime, generator)
+
+    def encode_keys(self, view_k: torch.Tensor, m: float) -> torch.Tensor:
+        if not self.momentum_keys:
+            return self.encoder_q(view_k)
+        with torch.no_grad():
+            update_momentum_encoder(self.encoder_k, self.encoder_q, m)
+            return self.encoder_k(view_k)
+
+    def training_loss(
+        self,
+        view_q: torch.Tensor,
+        view_k: torch.Tensor,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        progress: Progress,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.momentum(progress)
+        q = self.encoder_q(view_q)  # [B, dim]
+        k = self.encode_keys(view_k, m)  # [B, dim]
+        if self.queue is None:
+            logits = q @ k.T  # [B, B]: the batch's other keys are the negatives
+            loss = F.cross_entropy(logits / self.T, torch.arange(len(q), device=q.device))
+            off_diagonal = logits.detach().sum() - logits.detach().diagonal().sum()
+            negative_sim = off_diagonal / (len(q) * (len(q) - 1))
+        else:
+            negatives = self.queue.negatives()  # [K, dim]
+            loss = info_nce(
+                q, k, negatives, self.T, self.synthetic_negatives(q, negatives, progress)
+            )
+            negative_sim = (q.detach() @ negatives.T).mean()
+            self.pending_keys = (k.detach(), indices)
+        logs = {
+            "m": torch.tensor(m),
+            "pos_sim": (q.detach() * k.detach()).sum(1).mean(),
+            "neg_sim": negative_sim,
+        }
+        return loss, logs
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Enqueue this step's keys, after the backward pass that still reads the queue (MoCo
+        clones the queue instead; enqueueing afterwards avoids that copy)."""
+        if self.queue is not None:
+            keys, ids = self.pending_keys
+            self.queue.enqueue(keys, ids)

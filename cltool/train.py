@@ -1,0 +1,330 @@
+"""The training loop: data -> two views -> method -> loss -> step, with exact resume.
+
+Every random draw of a step (the data order of its epoch, the augmentation of its batch) comes
+from a generator seeded by ``(seed, epoch, step)``, and the learning rate and momentum are pure
+functions of the step. A checkpoint taken at any step boundary therefore resumes to exactly the
+run that was never interrupted (to float round-off on the same machine).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cltool import evaluate
+from cltool.augment import TwoViewAugment, normalize
+from cltool.data import ImageSet, load_dataset
+from cltool.display import Display
+from cltool.errors import CLToolError
+from cltool.methods import Progress, build_method
+from cltool.recipe import Recipe
+from cltool.track import RunDir, atomic_write_bytes
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after a checkpoint was written, when a stop was asked for."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLToolError(f"train.device = {name!r}: no CUDA device here; set train.device = 'cpu'")
+    return device
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """A distinct, reproducible seed for each (run seed, epoch, step)."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + step + 1
+
+
+def learning_rate(recipe: Recipe, global_step: int, steps_per_epoch: int) -> float:
+    """Warm-up then constant or cosine decay, as a pure function of the step."""
+    optim = recipe.optim
+    total = recipe.train.epochs * steps_per_epoch
+    warmup = optim.warmup_epochs * steps_per_epoch
+    if global_step < warmup:
+        return optim.lr * (global_step + 1) / warmup
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = (global_step - warmup) / max(1, total - warmup)
+    return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    optim = recipe.optim
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(
+        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
+
+
+def batches_of_epoch(num_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's shuffled index batches; a last batch of fewer than 2 images is dropped
+    (BatchNorm cannot train on one image), any other short last batch is kept."""
+    generator = torch.Generator().manual_seed(step_seed(seed, epoch, -1))
+    order = torch.randperm(num_images, generator=generator)
+    batches = list(order.split(batch_size))
+    return batches if len(batches[-1]) >= 2 else batches[:-1]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the module and optimiser states."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
+    step_in_epoch: int = 0  # steps of ``epoch`` already done
+    global_step: int = 0
+    images_seen: int = 0
+    epoch_loss_sum: float = 0.0  # loss summed over the steps of ``epoch`` done so far
+    wall_s: float = 0.0  # training time spent before this process
+    resumed_from_step: int | None = None  # where the latest resume started, if any
+    baselines: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    recipe: Recipe
+    run_dir: RunDir
+    display: Display
+    log: Callable[[dict[str, Any]], None]
+    should_stop: Callable[[], bool] = lambda: False
+
+    def __post_init__(self) -> None:
+        recipe = self.recipe
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        self.device = resolve_device(recipe.train.device)
+        self.data: ImageSet = load_dataset(recipe.data)
+        channels = self.data.train_x.shape[1]
+        self.augment = TwoViewAugment(
+            recipe.augment, recipe.data.image_size, self.data.mean, self.data.std
+        )
+        torch.manual_seed(recipe.train.seed)
+        self.method = build_method(recipe, channels).to(self.device)
+        trainable = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(recipe, trainable)
+        self.steps_per_epoch = len(
+            batches_of_epoch(len(self.data.train_x), recipe.train.batch_size, 0, 0)
+        )
+        self.total_steps = self.steps_per_epoch * recipe.train.epochs
+        self.state = TrainState()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        blob = {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": vars(self.state),
+            "fingerprint": self.recipe.fingerprint,
+        }
+        buffer = io.BytesIO()
+        torch.save(blob, buffer)
+        atomic_write_bytes(self.run_dir.checkpoint, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        """Restore from the run's checkpoint; False when there is none to resume from."""
+        if not self.run_dir.checkpoint.exists():
+            return False
+        try:
+            blob = torch.load(self.run_dir.checkpoint, map_location=self.device, weights_only=False)
+        except Exception as err:  # a checkpoint we cannot read is a user-level problem
+            raise CLToolError(
+                f"{self.run_dir.checkpoint}: unreadable checkpoint ({err.__class__.__name__}); "
+                "rerun with --force to start the run over"
+            ) from None
+        self.method.load_state_dict(blob["method"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.state = TrainState(**blob["state"])
+        self.state.resumed_from_step = self.state.global_step
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.data.mean, self.data.std)
+
+    def knn(self, backbone: torch.nn.Module) -> float:
+        features = [
+            evaluate.extract_features(backbone, x, self.preprocess, self.device)
+            for x in (self.data.train_x, self.data.test_x)
+        ]
+        return self._knn(features[0], features[1])
+
+    def _knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> float:
+        cfg = self.recipe.eval
+        return evaluate.knn_top1(
+            train_features,
+            self.data.train_y,
+            test_features,
+            self.data.test_y,
+            k=cfg.knn_k,
+            T=cfg.knn_T,
+            num_classes=self.data.num_classes,
+        )
+
+    def baselines(self) -> dict[str, float]:
+        """kNN on raw pixels and on the randomly initialised encoder with re-estimated BN."""
+        pixels = [self.preprocess(x).flatten(1) for x in (self.data.train_x, self.data.test_x)]
+        random_backbone = self.method.backbone
+        snapshot = {k: v.clone() for k, v in random_backbone.state_dict().items()}
+        evaluate.reestimate_batchnorm(
+            random_backbone, self.data.train_x, self.preprocess, self.device
+        )
+        random_knn = self.knn(random_backbone)
+        random_backbone.load_state_dict(snapshot)
+        return {"knn_top1_pixels": self._knn(*pixels), "knn_top1_random": random_knn}
+
+    def final_metrics(self) -> dict[str, float]:
+        backbone = self.method.backbone
+        train_f, test_f = (
+            evaluate.extract_features(backbone, x, self.preprocess, self.device)
+            for x in (self.data.train_x, self.data.test_x)
+        )
+        metrics = {"knn_top1": self._knn(train_f, test_f)}
+        if self.recipe.eval.linear:
+            metrics["linear_top1"] = evaluate.linear_probe_top1(
+                train_f,
+                self.data.train_y,
+                test_f,
+                self.data.test_y,
+                epochs=self.recipe.eval.linear_epochs,
+                seed=self.recipe.train.seed,
+            )
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train_step(
+        self,
+        images: torch.Tensor,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        epoch: int,
+        step: int,
+    ) -> dict[str, torch.Tensor]:
+        recipe = self.recipe
+        seed = step_seed(recipe.train.seed, epoch, step)
+        generator = torch.Generator().manual_seed(seed)
+        view_q, view_k = self.augment(images.to(self.device, non_blocking=True), generator)
+        lr = learning_rate(recipe, self.state.global_step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        progress = Progress(epoch, self.state.global_step, self.total_steps, seed)
+        loss, logs = self.method.training_loss(view_q, view_k, indices, labels, progress)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.end_step()
+        return {"loss": loss.detach(), "lr": torch.tensor(lr), **logs}
+
+    def elapsed(self) -> float:
+        """Training wall time over all processes of this run, checkpoints included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> None:
+        self.state.wall_s = self.elapsed()
+        self.state.epoch_loss_sum = float(self.epoch_loss)
+        self.save_checkpoint()
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (resuming if a checkpoint exists) and return the final metrics."""
+        recipe = self.recipe
+        resumed = self.load_checkpoint()
+        if resumed:
+            self.run_dir.truncate_metrics(self.state.global_step)
+            self.display.message(
+                f"resuming from step {self.state.global_step} (epoch {self.state.epoch + 1})"
+            )
+        elif recipe.eval.baselines:
+            self.display.message("measuring baselines (raw pixels, random encoder)")
+            self.state.baselines = self.baselines()
+        self.wall_before, self.started = self.state.wall_s, time.perf_counter()
+        self.method.train()
+        self.display.start(self.total_steps, self.state.global_step)
+        for epoch in range(self.state.epoch, recipe.train.epochs):
+            self.train_epoch(epoch)
+        self.display.finish()
+        wall_s = self.elapsed()
+        self.display.message("evaluating (kNN, linear probe)")
+        metrics = {**self.state.baselines, **self.final_metrics()}
+        self.log(
+            {
+                "kind": "eval",
+                "epoch": recipe.train.epochs - 1,
+                "global_step": self.state.global_step,
+                **metrics,
+            }
+        )
+        return {
+            **metrics,
+            "epochs_done": self.state.epoch,
+            "global_step": self.state.global_step,
+            "wall_s": wall_s,
+            "imgs_per_s": self.state.images_seen / max(wall_s, 1e-9),
+            "resumed_from_step": self.state.resumed_from_step,
+            "device": str(self.device),
+            "num_train": len(self.data.train_x),
+            "num_test": len(self.data.test_x),
+        }
+
+    def train_epoch(self, epoch: int) -> None:
+        recipe, state = self.recipe, self.state
+        batches = batches_of_epoch(
+            len(self.data.train_x), recipe.train.batch_size, recipe.train.seed, epoch
+        )
+        # The running loss sum is kept in the checkpoint, so a resumed epoch logs the same mean.
+        self.epoch_loss = torch.tensor(state.epoch_loss_sum, device=self.device)
+        epoch_start, epoch_images = time.perf_counter(), 0
+        for step in range(state.step_in_epoch, len(batches)):
+            indices = batches[step]
+            x, y = self.data.train_x[indices], self.data.train_y[indices]
+            logs = self.train_step(x, indices, y, epoch, step)
+            self.epoch_loss += logs["loss"]
+            state.global_step += 1
+            state.step_in_epoch = step + 1
+            state.images_seen += len(indices)
+            epoch_images += len(indices)
+            if state.global_step % recipe.train.log_every_steps == 0:
+                record = {k: float(v) for k, v in logs.items()}
+                rate = epoch_images / (time.perf_counter() - epoch_start)
+                record.update(
+                    kind="step", epoch=epoch, global_step=state.global_step, imgs_per_s=rate
+                )
+                self.log(record)
+                self.display.update(state.global_step, epoch, record)
+            every = recipe.train.checkpoint_every_steps
+            if every and state.global_step % every == 0:
+                self.checkpoint()
+            if self.should_stop():
+                self.checkpoint()
+                raise StopRequested
+        record = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "global_step": state.global_step,
+            "loss": float(self.epoch_loss) / len(batches),
+            "imgs_per_s": epoch_images / (time.perf_counter() - epoch_start),
+        }
+        every_epochs = recipe.eval.every_epochs
+        if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < recipe.train.epochs:
+            record["knn_top1"] = self.knn(self.method.backbone)
+            self.method.train()
+        self.log(record)
+        self.display.epoch_end(epoch, recipe.train.epochs, record)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        self.epoch_loss.zero_()
+        self.checkpoint()
