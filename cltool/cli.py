@@ -179,3 +179,14 @@ def keys() -> None:
     for key, default, doc in describe_keys():
         table.add_row(key, default, doc)
     console.print(table)
+
+
+def _register_subcommands() -> None:
+    """Commands that live in their own modules, added after ``run`` so that ``cl --help`` lists
+    the main command first."""
+    from cltool.cli_sweep import register as register_sweep
+
+    register_sweep(app)
+
+
+_register_subcommands()

@@ -46,17 +46,19 @@ class Interrupted(Exception):
 
 
 class JsonlSink:
-    """Appends each record to ``metrics.jsonl``, flushed, so a crash loses at most a line."""
+    """Appends each record to ``metrics.jsonl`` and closes it again, so a crash loses at most a
+    line and a resume that rewrites the file (dropping records past the checkpoint) is seen."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = path.open("a", encoding="utf-8")
+        self.path = path
+        path.touch()
 
     def log(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def finish(self, summary: dict[str, Any] | None, status: str) -> None:
-        self.handle.close()
+        """Nothing is held open."""
 
 
 def package_versions() -> dict[str, str]:

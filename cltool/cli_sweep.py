@@ -1,0 +1,234 @@
+"""The ``cl sweep`` and ``cl status`` commands: thin faces over sweep, launch and status.
+
+Kept out of ``cli.py`` so that the runner half stays in its own modules; ``cli.py`` calls
+:func:`register`. Nothing here imports torch: ``cl sweep --dry-run`` and ``cl status`` answer at
+once, and training is imported only by the executor that trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from cltool.errors import CLToolError, RecipeError
+
+console = Console()
+error_console = Console(stderr=True)
+
+EXECUTORS = ("local", "slurm")
+FORMATS = ("table", "json")
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A CLToolError becomes ``error: <message>`` on stderr and its exit code."""
+    try:
+        yield
+    except CLToolError as err:
+        error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise RecipeError(f"{flag} {value}: choose one of {', '.join(allowed)}")
+    return value
+
+
+def sweep_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (may hold [sweep], [slurm]).")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Swept key: `KEY=v1,v2`, or a range `A..B:lin:N`, `A..B:log:N`, `A..B:xF`. "
+            "Repeatable; the runs are the cartesian product.",
+        ),
+    ] = None,
+    zip_: Annotated[
+        list[str] | None,
+        typer.Option("--zip", help="Keys that move together: `K,T=1024:0.1,4096:0.2`."),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Add train.seed = base seed + 0..N-1 as a dimension.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a key for every run (as in `cl run`)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Root folder of run folders.")] = Path(
+        "runs"
+    ),
+    executor: Annotated[str, typer.Option("--executor", "-e", help="local or slurm.")] = "local",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Local runs at a time.")] = 1,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (and job script); run nothing.")] = (
+        False
+    ),
+    retry_failed: Annotated[bool, typer.Option(help="Also resubmit runs that failed.")] = False,
+    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per task.")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="CPUs per task.")] = None,
+    mem_gb: Annotated[float | None, typer.Option(help="Memory per task, GB.")] = None,
+    time_: Annotated[
+        str | None, typer.Option("--time", help="Time limit per task, e.g. 4:00:00 (default 1h).")
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="SLURM account.")] = None,
+    qos: Annotated[str | None, typer.Option(help="SLURM QoS.")] = None,
+    constraint: Annotated[str | None, typer.Option(help="SLURM node constraint.")] = None,
+    array_parallelism: Annotated[
+        int | None, typer.Option(help="At most this many array tasks at once (%N throttle).")
+    ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra sbatch option `KEY=VALUE` (e.g. `exclude=node3`). Repeatable."),
+    ] = None,
+) -> None:
+    """Expand a recipe into a grid of runs and train them here or on SLURM.
+
+    Every run is validated before anything starts; runs are identified by their recipe, so
+    re-running the command skips finished runs and leaves running ones alone.
+
+    Examples:
+
+        cl sweep recipes/moco.toml --param m=0.9,0.99,0.999
+
+        cl sweep recipes/moco.toml --param m=0.9,0.99 --param K=1024..16384:x4 --seeds 3 --dry-run
+
+        cl sweep recipes/moco.toml --param lr=1e-3..1e-1:log:5 --executor slurm --partition gpu
+        --gpus-per-node 1 --time 4:00:00 --array-parallelism 8
+    """
+    from cltool import launch
+    from cltool.recipe import parse_assignment
+    from cltool.status import status_table
+    from cltool.sweep import compile_sweep, write_sweep
+
+    with one_line_errors():
+        _choice(executor, EXECUTORS, "--executor")
+        if jobs < 1:
+            raise RecipeError(f"--jobs {jobs}: needs at least 1")
+        sweep = compile_sweep(
+            recipe,
+            params=param or [],
+            zips=zip_ or [],
+            seeds=seeds,
+            overrides=[parse_assignment(item) for item in set_ or []],
+        )
+        options = None
+        if executor == "slurm":
+            extra = dict(_split_option(item) for item in sbatch or [])
+            flags = launch.SlurmOptions(
+                partition, gpus_per_node, cpus_per_task, mem_gb, time_, account, qos,
+                constraint, array_parallelism, extra,
+            )  # fmt: skip
+            options = launch.SlurmOptions.from_table(sweep.slurm, str(recipe)).overridden_by(flags)
+            options.submitit_parameters("check")  # a bad --time fails here, before anything
+        plan = launch.make_plan(sweep, out, retry_failed)
+        todo = plan.to_submit(sweep)
+        folder = sweep.folder(out)
+        if dry_run:
+            title = f"sweep {sweep.sweep_id}: {len(sweep.runs)} runs, {len(todo)} to submit"
+            console.print(status_table(plan.statuses, list(sweep.swept_keys), title, plan.actions))
+            if options is not None and todo:
+                console.print(f"\n# job script ({executor}, {len(todo)} tasks):", highlight=False)
+                print(launch.render_sbatch(sweep, out, options, len(todo)))
+            console.print(
+                f"dry run: nothing submitted; sweep folder would be {folder}", soft_wrap=True
+            )
+            return
+        if not todo:
+            kept = [s for s in plan.statuses if plan.actions[s.run_id] != "skip: done"]
+            if not kept:
+                console.print(f"sweep {sweep.sweep_id}: all {len(sweep.runs)} runs done ({folder})")
+                return
+            console.print(
+                f"sweep {sweep.sweep_id}: nothing to submit; "
+                + ", ".join(f"{s.run_id} {s.state}" for s in kept)
+                + ("" if retry_failed else " (--retry-failed resubmits failed runs)"),
+                highlight=False,
+            )
+            return
+        write_sweep(sweep, out)
+        console.print(
+            f"sweep {sweep.sweep_id}: {len(sweep.runs)} runs, submitting {len(todo)} "
+            f"({executor}); cl status {folder}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if options is not None:
+            arrays = launch.submit_slurm(sweep, todo, out, options)
+            console.print(f"submitted job array {', '.join(arrays)} ({len(todo)} tasks)")
+            return
+        if jobs > 1:
+            results = launch.run_parallel(sweep, todo, out, jobs, console)
+        else:
+            from cltool.cli import StopFlag
+
+            stop = StopFlag()
+            stop.install()
+            results = launch.run_serial(sweep, todo, out, console, should_stop=stop)
+        failed = [run_id for run_id, status in results.items() if status != "done"]
+        if failed:
+            raise CLToolError(
+                f"{len(failed)} of {len(todo)} runs did not finish: cl status {folder}"
+            )
+
+
+def _split_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--sbatch {text!r}: expected KEY=VALUE, e.g. --sbatch exclude=node3")
+    return key.strip(), value.strip()
+
+
+def status_command(
+    sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder: OUT/sweeps/<sweep id>.")],
+    watch: Annotated[bool, typer.Option(help="Refresh until no run is queued or running.")] = False,
+    format_: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Show the state of every run of a sweep: state, epoch, last loss, ETA, job id.
+
+    Exit code: 0 when every run is done, 3 when any failed, 1 otherwise (queued, running, lost).
+    Without a terminal, `--watch` waits quietly and prints the final table once.
+    """
+    from cltool.status import as_json, exit_code, settled, status_table, sweep_status
+    from cltool.sweep import load_manifest
+
+    with one_line_errors():
+        _choice(format_, FORMATS, "--format")
+        manifest = load_manifest(sweep_dir)
+        swept, sweep_id = manifest.get("swept_keys", []), manifest.get("sweep_id", sweep_dir.name)
+        title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"
+        statuses = sweep_status(sweep_dir)
+        if watch and format_ == "table" and console.is_terminal:
+            with Live(status_table(statuses, swept, title), console=console) as live:
+                while not settled(statuses):
+                    time.sleep(interval)
+                    statuses = sweep_status(sweep_dir)
+                    live.update(status_table(statuses, swept, title))
+        else:
+            while watch and not settled(statuses):
+                time.sleep(interval)
+                statuses = sweep_status(sweep_dir)
+            if format_ == "json":
+                print(json.dumps(as_json(sweep_id, statuses), indent=2))
+            else:
+                console.print(status_table(statuses, swept, title))
+    code = exit_code(statuses)
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sweep`` and ``status`` to the ``cl`` app."""
+    app.command("sweep")(sweep_command)
+    app.command("status")(status_command)

@@ -1,0 +1,462 @@
+"""Executors: how the runs of a compiled sweep get trained.
+
+- local, serial: one run after another in this process, through :func:`cltool.run.run_recipe`.
+- local, ``--jobs N``: N ``cl run <recipe> --out OUT --quiet`` subprocesses at a time.
+- slurm: one submitit job array per sweep (several above the cluster's MaxArraySize). Each array
+  task runs :class:`RunTask` on one run recipe. On SLURM's preemption/timeout signal the task
+  stops at the next step boundary with a fresh checkpoint and hands over to submitit, which
+  calls :meth:`RunTask.checkpoint` and requeues the job; the requeued task resumes the same run
+  (same run id, same folder) from that checkpoint.
+
+A run that fails before its run folder exists (a data set root that is not there, say) still gets
+a ``state.json`` saying failed, so that ``cl status`` can report it. Torch is imported only inside
+the functions that train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cltool.errors import CLToolError, RecipeError
+from cltool.status import ACTIVE, RunStatus, collect, short_key
+from cltool.sweep import RECIPES, PlannedRun, Sweep, record_submissions, run_entries
+from cltool.track import DONE, FAILED, RunDir
+
+WILL_SUBMIT = "will submit"
+#: ``cl run --quiet`` with this interpreter, whether or not the ``cl`` script is on PATH.
+CL_RUN = (sys.executable, "-c", "from cltool.cli import app; app()", "run", "--quiet")
+#: SLURM's own default, used when ``scontrol show config`` cannot be read.
+DEFAULT_MAX_ARRAY_SIZE = 1001
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def plan_action(state: str, retry_failed: bool) -> str:
+    """What launching does with a run in ``state``: done and active runs are left alone; failed
+    ones only with ``--retry-failed`` (a deterministic failure would just fail again)."""
+    if state == DONE:
+        return "skip: done"
+    if state in ACTIVE:
+        return f"skip: {state}"
+    if state == FAILED and not retry_failed:
+        return "skip: failed"
+    return WILL_SUBMIT
+
+
+@dataclass(frozen=True)
+class Plan:
+    statuses: list[RunStatus]
+    actions: dict[str, str]
+
+    def to_submit(self, sweep: Sweep) -> list[PlannedRun]:
+        return [r for r in sweep.runs if self.actions[r.run_id] == WILL_SUBMIT]
+
+
+def make_plan(sweep: Sweep, out: Path, retry_failed: bool) -> Plan:
+    statuses = collect(Path(out), run_entries(sweep, out))
+    return Plan(statuses, {s.run_id: plan_action(s.state, retry_failed) for s in statuses})
+
+
+# -- running one run --------------------------------------------------------------------------
+
+
+def mark_failed(run_dir: RunDir, error: str) -> None:
+    """Record a failure that happened before (or outside) the run's own bookkeeping."""
+    state = run_dir.state()
+    if state is None or state.get("status") != FAILED:
+        run_dir.write_state(FAILED, error=error)
+
+
+def run_in_process(
+    run: PlannedRun,
+    out: Path,
+    sweep_id: str,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> str:
+    """Train one run here; returns its final status. Raises ``Interrupted`` when stopped."""
+    from cltool.run import Interrupted, run_recipe
+
+    try:
+        outcome = run_recipe(
+            run.recipe,
+            out,
+            quiet=True,
+            sweep_id=sweep_id,
+            swept=run.params,
+            should_stop=should_stop,
+        )
+    except Interrupted:
+        raise
+    except Exception as err:
+        mark_failed(run.run_dir(out), f"{err.__class__.__name__}: {err}")
+        return FAILED
+    return outcome.status
+
+
+class _PreemptFlag:
+    """Turns submitit's preemption signal into a request to stop at the next step.
+
+    submitit's own handler would checkpoint and exit mid-step; keeping it aside and calling it
+    once the trainer has written its checkpoint loses no step.
+    """
+
+    def __init__(self) -> None:
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.signum = signal.Signals[f"SIG{name}"]
+        self.requested = False
+        self.submitit_handler = signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def hand_over(self) -> None:
+        """Let submitit checkpoint (``RunTask.checkpoint``), requeue and exit."""
+        if callable(self.submitit_handler):
+            self.submitit_handler(self.signum, None)
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What one SLURM array task runs: one run of a sweep, from its recipe file.
+
+    Picklable (plain fields); ``checkpoint`` returns the same task, so a requeued job resumes
+    the run from its ``checkpoint.pt`` under the same run id.
+    """
+
+    recipe_file: str
+    out: str
+    sweep_id: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> str:
+        from cltool.recipe import load_recipe
+        from cltool.run import Interrupted
+
+        run = PlannedRun(load_recipe(self.recipe_file), self.params)
+        preempt = _PreemptFlag()
+        try:
+            status = run_in_process(run, Path(self.out), self.sweep_id, should_stop=preempt)
+        except Interrupted:
+            preempt.hand_over()
+            raise
+        if status != DONE:
+            raise RuntimeError(f"run {run.run_id} {status}: see {run.run_dir(Path(self.out)).log}")
+        return status
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+# -- local executors --------------------------------------------------------------------------
+
+
+def _local_submission(pid: int) -> dict[str, Any]:
+    """A local run's submission: the process that trains it, so status can check it lives."""
+    return {
+        "executor": "local",
+        "job_id": str(pid),
+        "pid": pid,
+        "host": socket.gethostname(),
+        "array_index": None,
+        "submitted_at": time.time(),
+    }
+
+
+def run_serial(
+    sweep: Sweep,
+    runs: list[PlannedRun],
+    out: Path,
+    console: Console,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, str]:
+    """Train the runs one after another here; returns run id -> final status."""
+    from cltool.run import Interrupted
+
+    folder = sweep.folder(out)
+    results: dict[str, str] = {}
+    for i, run in enumerate(runs, 1):
+        record_submissions(folder, {run.run_id: _local_submission(os.getpid())})
+        label = f"[{i}/{len(runs)}] {run.run_id} {_params_text(run.params)}"
+        with console.status(f"{label}: training", spinner="dots"):
+            try:
+                results[run.run_id] = run_in_process(run, out, sweep.sweep_id, should_stop)
+            except Interrupted:
+                raise CLToolError(
+                    f"sweep interrupted during run {run.run_id}: rerun the same command to resume",
+                    exit_code=130,
+                ) from None
+        console.print(f"{label}: {_status_text(results[run.run_id])}", highlight=False)
+    return results
+
+
+def run_parallel(
+    sweep: Sweep, runs: list[PlannedRun], out: Path, jobs: int, console: Console
+) -> dict[str, str]:
+    """Train the runs as ``cl run`` subprocesses, ``jobs`` at a time; logs in the sweep folder."""
+    folder = sweep.folder(out)
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    waiting, active, results = list(runs), {}, {}
+    try:
+        while waiting or active:
+            while waiting and len(active) < jobs:
+                run = waiting.pop(0)
+                log = logs / f"{run.run_id}.log"
+                with log.open("ab") as handle:
+                    process = subprocess.Popen(
+                        [*CL_RUN, str(folder / RECIPES / f"{run.run_id}.toml"), "--out", str(out)],
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                    )
+                record_submissions(folder, {run.run_id: _local_submission(process.pid)})
+                active[run.run_id] = (run, process, log)
+            for run_id, (run, process, log) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                del active[run_id]
+                results[run_id] = _subprocess_status(run, out, process.returncode, log)
+                console.print(
+                    f"{run_id} {_params_text(run.params)}: {_status_text(results[run_id])}",
+                    highlight=False,
+                )
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for _, process, _ in active.values():
+            process.send_signal(signal.SIGTERM)  # cl run checkpoints and stops at the next step
+        for _, process, _ in active.values():
+            process.wait()
+        raise CLToolError(
+            "sweep interrupted: rerun the same command to resume", exit_code=130
+        ) from None
+    return results
+
+
+def _subprocess_status(run: PlannedRun, out: Path, returncode: int, log: Path) -> str:
+    if returncode == 0:
+        return DONE
+    if returncode == 130:
+        return "interrupted"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    mark_failed(run.run_dir(out), lines[-1] if lines else f"cl run exited with {returncode}")
+    return FAILED
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return " ".join(f"{short_key(k)}={v}" for k, v in params.items())
+
+
+def _status_text(status: str) -> str:
+    color = {DONE: "green", FAILED: "red"}.get(status, "yellow")
+    return f"[{color}]{status}[/]"
+
+
+# -- slurm --------------------------------------------------------------------------------------
+
+
+_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def parse_time(text: str) -> int:
+    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up."""
+    match = _TIME.match(text.strip())
+    if match is None:
+        raise RecipeError(f"slurm time '{text}': use minutes, H:MM:SS or D-HH:MM:SS")
+    d, a, b, c = (int(x) if x is not None else None for x in match.group("d", "a", "b", "c"))
+    if d is not None:  # D-H[:M[:S]]
+        seconds = ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = (a * 60 + b) * 60 + c
+    elif b is not None:  # M:S
+        seconds = a * 60 + b
+    else:  # M
+        seconds = a * 60
+    if seconds <= 0:
+        raise RecipeError(f"slurm time '{text}' must be positive")
+    return -(-seconds // 60)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Where and how big each array task is. Flags override the file's ``[slurm]`` table."""
+
+    partition: str | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: int | None = None
+    sbatch: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str) -> SlurmOptions:
+        """Validate a ``[slurm]`` table: same names as the flags, ``sbatch`` a table of extras."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise RecipeError(f"{where}: unknown [slurm] key '{key}': use {', '.join(known)}")
+            if key == "sbatch":
+                if not isinstance(value, dict):
+                    raise RecipeError(f"{where}: slurm.sbatch must be a table of sbatch options")
+                value = {str(k): str(v) for k, v in value.items()}
+            elif key in ("gpus_per_node", "cpus_per_task", "array_parallelism"):
+                least = 1 if key == "array_parallelism" else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise RecipeError(
+                        f"{where}: slurm.{key} = {value!r}: need a whole number >= {least}"
+                    )
+            elif key == "mem_gb":
+                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                    raise RecipeError(
+                        f"{where}: slurm.mem_gb = {value!r} must be a positive number"
+                    )
+            elif not isinstance(value, str):
+                raise RecipeError(f"{where}: slurm.{key} = {value!r} must be a string")
+            values[key] = value
+        options = cls(**values)
+        if options.time is not None:
+            parse_time(options.time)
+        return options
+
+    def overridden_by(self, flags: SlurmOptions) -> SlurmOptions:
+        changes = {
+            f.name: getattr(flags, f.name)
+            for f in fields(flags)
+            if getattr(flags, f.name) not in (None, {})
+        }
+        if "sbatch" in changes:
+            changes["sbatch"] = {**self.sbatch, **changes["sbatch"]}
+        return replace(self, **changes)
+
+    def submitit_parameters(self, job_name: str) -> dict[str, Any]:
+        """Parameters for ``SlurmExecutor.update_parameters`` (submitit's sbatch names).
+
+        Memory goes through ``additional_parameters`` so the same dict renders the dry-run script.
+        """
+        params: dict[str, Any] = {"job_name": job_name, "time": parse_time(self.time or "1:00:00")}
+        for name in (
+            "partition",
+            "gpus_per_node",
+            "cpus_per_task",
+            "account",
+            "qos",
+            "constraint",
+            "array_parallelism",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        extra = dict(self.sbatch)
+        if self.mem_gb is not None:
+            extra.setdefault("mem", f"{round(self.mem_gb * 1024)}M")
+        if extra:
+            params["additional_parameters"] = extra
+        return params
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (array indices must stay below it)."""
+    try:
+        result = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY_SIZE
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
+
+
+def _chunks(runs: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
+    return [runs[i : i + size] for i in range(0, len(runs), size)]
+
+
+def slurm_folder(sweep: Sweep, out: Path) -> Path:
+    return sweep.folder(out) / "slurm"
+
+
+def render_sbatch(sweep: Sweep, out: Path, options: SlurmOptions, count: int) -> str:
+    """The job script submitit would submit for an array of ``count`` tasks (for --dry-run)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = slurm_folder(sweep, out).resolve()
+    command = (
+        f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    )
+    params = options.submitit_parameters(f"cl-{sweep.sweep_id}")
+    return _make_sbatch_string(
+        command=command, folder=folder, map_count=count if count > 1 else None, **params
+    )
+
+
+def _sbatch_message(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[-1] if lines else err.__class__.__name__
+    return text.removeprefix("sbatch: error: ")
+
+
+def submit_slurm(
+    sweep: Sweep, runs: list[PlannedRun], out: Path, options: SlurmOptions
+) -> list[str]:
+    """Submit the runs as job arrays; returns the array job ids. The manifest records every
+    task as soon as its array is accepted, so a failure on a later array leaves it true."""
+    import submitit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    out = Path(out).resolve()
+    folder = sweep.folder(out)
+    try:
+        executor = submitit.SlurmExecutor(folder=slurm_folder(sweep, out))
+    except RuntimeError:
+        raise CLToolError("slurm executor: no `srun` here; run on a SLURM login node") from None
+    executor.update_parameters(**options.submitit_parameters(f"cl-{sweep.sweep_id}"))
+    array_ids = []
+    for chunk in _chunks(runs, max_array_size()):
+        tasks = [
+            RunTask(str(folder / RECIPES / f"{r.run_id}.toml"), str(out), sweep.sweep_id, r.params)
+            for r in chunk
+        ]
+        # submitit prints sbatch's stderr before raising; the one-line error below says it.
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                with executor.batch():
+                    jobs = [executor.submit(task) for task in tasks]
+            except (FailedJobError, FailedSubmissionError, OSError) as err:
+                raise CLToolError(f"sbatch failed: {_sbatch_message(err)}") from None
+        now = time.time()
+        records = {}
+        for run, job in zip(chunk, jobs, strict=True):
+            array_id, _, task = job.job_id.partition("_")
+            records[run.run_id] = {
+                "executor": "slurm",
+                "job_id": job.job_id,
+                "array_job_id": array_id,
+                "array_index": int(task) if task else None,
+                "submitted_at": now,
+            }
+        record_submissions(folder, records)
+        array_ids.append(jobs[0].job_id.partition("_")[0])
+    return array_ids

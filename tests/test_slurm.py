@@ -1,0 +1,197 @@
+"""``cl sweep --executor slurm`` against a real SLURM controller: arrays, preemption, failures.
+
+Needs the one-node cluster of ``slurm/cluster.sh``::
+
+    eval "$(bash slurm/cluster.sh up)"     # exports SLURM_CONF
+    pytest -m slurm tests/test_slurm.py
+
+Skipped when ``sinfo`` cannot reach a controller. Every wait has a deadline and jobs left behind
+are cancelled, so a broken cluster fails these tests instead of hanging them; nothing here calls
+submitit's ``job.result()``, which can wait forever on a cluster without accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cltool.cli_sweep import register
+from cltool.recipe import load_recipe
+from cltool.run import run_recipe
+from cltool.status import settled, sweep_status
+from cltool.sweep import load_manifest
+from cltool.track import DONE, RunDir
+
+
+def _controller_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return 'no sinfo: install slurm-client and run `eval "$(bash slurm/cluster.sh up)"`'
+    try:
+        result = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: is the controller up? `bash slurm/cluster.sh up`"
+    if result.returncode != 0:
+        return (
+            f"sinfo cannot reach a controller ({result.stderr.strip()}); `bash slurm/cluster.sh up`"
+        )
+    return None
+
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(bool(_controller_problem()), reason=str(_controller_problem())),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+MOCO = ROOT / "recipes" / "moco.toml"
+
+#: Short runs; log every step so the heartbeat shows where a run is.
+TINY = [
+    "train.epochs=1",
+    "train.batch_size=64",
+    "data.num_train=256",
+    "data.num_test=128",
+    "model.width=8",
+    "eval.every_epochs=0",
+    "eval.linear=false",
+    "eval.baselines=false",
+    "train.log_every_steps=1",
+]
+#: Long enough (about 10 s on two cores) to be caught mid-run, with checkpoints every 5 steps.
+PREEMPTIBLE = [
+    *TINY,
+    "train.epochs=3",
+    "data.num_train=1024",
+    "train.checkpoint_every_steps=5",
+]
+SLURM = ["--executor", "slurm", "--cpus-per-task", "1", "--time", "1:00:00"]
+
+
+def invoke(*args: object):
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def sweep_folders() -> Iterator[list[Path]]:
+    """Sweep folders a test submitted; their jobs are cancelled whatever the outcome."""
+    folders: list[Path] = []
+    yield folders
+    for folder in folders:
+        for entry in load_manifest(folder)["runs"]:
+            for submission in entry["submissions"]:
+                subprocess.run(["scancel", submission["array_job_id"]], timeout=20, check=False)
+
+
+def submit(out: Path, folders: list[Path], *args: object) -> Path:
+    started = time.monotonic()
+    result = invoke("sweep", MOCO, *args, *SLURM, "--out", out)
+    assert result.exit_code == 0, result.output
+    (folder,) = (out / "sweeps").iterdir()
+    folders.append(folder)
+    print(f"submitted in {time.monotonic() - started:.1f} s")
+    return folder
+
+
+def test_three_runs_one_array_all_finish(tmp_path: Path, sweep_folders: list[Path]) -> None:
+    started = time.monotonic()
+    folder = submit(tmp_path, sweep_folders, "--param", "m=0.9,0.99,0.999", *sets(TINY))
+    runs = load_manifest(folder)["runs"]
+    submissions = [entry["submissions"] for entry in runs]
+    assert all(len(s) == 1 for s in submissions)
+    assert len({s[0]["array_job_id"] for s in submissions}) == 1  # one job array
+    assert sorted(s[0]["array_index"] for s in submissions) == [0, 1, 2]
+
+    wait_for(lambda: settled(sweep_status(folder)), 240, "the array to finish")
+    for entry in runs:
+        run_dir = RunDir(tmp_path / entry["run_dir"])
+        assert run_dir.is_done(), run_dir.state()
+        assert run_dir.summary()["run_id"] == entry["run_id"]
+    status = invoke("status", folder)
+    assert status.exit_code == 0, status.output
+    again = invoke(
+        "sweep", MOCO, "--param", "m=0.9,0.99,0.999", *sets(TINY), *SLURM, "--out", tmp_path
+    )
+    assert again.exit_code == 0 and "all 3 runs done" in again.output
+    print(f"3-run array: {time.monotonic() - started:.1f} s")
+
+
+def test_preempted_task_is_requeued_and_resumes_to_the_same_metrics(
+    tmp_path: Path, sweep_folders: list[Path]
+) -> None:
+    started = time.monotonic()
+    folder = submit(tmp_path / "slurm", sweep_folders, "--param", "m=0.95", *sets(PREEMPTIBLE))
+    (entry,) = load_manifest(folder)["runs"]
+    run_dir = RunDir(tmp_path / "slurm" / entry["run_dir"])
+    job_id = entry["submissions"][0]["job_id"]
+
+    def mid_run() -> bool:
+        state = run_dir.state() or {}
+        return state.get("status") == "running" and state.get("global_step", 0) >= 6
+
+    wait_for(mid_run, 120, "the task to pass step 6")
+    preempted_at = run_dir.state()["global_step"]
+    # What SLURM sends before a preemption or the time limit; submitit checkpoints and requeues.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=20)
+    wait_for(lambda: settled(sweep_status(folder)), 240, "the requeued task to finish")
+
+    summary = run_dir.summary()
+    assert run_dir.is_done() and summary is not None
+    assert summary["resumed_from_step"] is not None
+    assert preempted_at <= summary["resumed_from_step"] < summary["global_step"]
+    assert summary["run_id"] == entry["run_id"]  # same run id, same folder
+    assert len(load_manifest(folder)["runs"][0]["submissions"]) == 1  # requeued, not resubmitted
+    print(f"preempt + requeue + resume: {time.monotonic() - started:.1f} s")
+
+    reference = run_recipe(
+        load_recipe(MOCO, [*PREEMPTIBLE, "m=0.95"]), tmp_path / "ref", quiet=True
+    )
+    assert reference.status == DONE
+    assert reference.summary["resumed_from_step"] is None
+    for key in ("knn_top1", "global_step", "epochs_done"):
+        assert summary[key] == reference.summary[key], key
+    # The heartbeat's last loss is the last epoch's mean loss: resumed and uninterrupted agree.
+    assert run_dir.state()["loss"] == pytest.approx(reference.run_dir.state()["loss"], rel=1e-6)
+
+
+def test_status_reports_a_run_that_crashed_inside_its_job(
+    tmp_path: Path, sweep_folders: list[Path]
+) -> None:
+    started = time.monotonic()
+    missing = tmp_path / "no-such-images"
+    folder = submit(
+        tmp_path, sweep_folders, "--param", "data.dataset=glyphs,imagefolder",
+        "--set", f"data.root={missing}", "--set", "data.download=false", *sets(TINY),
+    )  # fmt: skip
+    wait_for(lambda: settled(sweep_status(folder)), 240, "both tasks to end")
+    status = invoke("status", folder, "--format", "json")
+    assert status.exit_code == 3, status.output
+    report = json.loads(status.output)
+    assert report["counts"] == {"done": 1, "failed": 1}
+    failed = next(r for r in report["runs"] if r["state"] == "failed")
+    assert failed["params"] == {"data.dataset": "imagefolder"}
+    assert failed["error"]
+    table = invoke("status", folder)
+    assert table.exit_code == 3 and "failed" in table.output
+    print(f"failed-run sweep: {time.monotonic() - started:.1f} s")
