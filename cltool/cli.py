@@ -184,9 +184,11 @@ def keys() -> None:
 def _register_subcommands() -> None:
     """Commands that live in their own modules, added after ``run`` so that ``cl --help`` lists
     the main command first."""
+    from cltool.cli_report import register as register_report
     from cltool.cli_sweep import register as register_sweep
 
     register_sweep(app)
+    register_report(app)
 
 
 _register_subcommands()

@@ -52,12 +52,25 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> tuple[nn.Module, int]:
     return resnet(cfg.backbone, in_channels, cfg.small_stem)
 
 
-def projection_head(kind: str, in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+def projection_head(kind: str, in_dim: int, hidden: int, out_dim: int, bn: bool) -> nn.Module:
+    """Linear (MoCo v1), Linear-ReLU-Linear (MoCo v2) or, with ``bn``,
+    Linear-BN-ReLU-Linear-BN (as MoCo v3's projector).
+
+    The output BatchNorm (no affine) centres the embeddings over the batch. Against a queue of
+    keys from earlier steps, InfoNCE pushes every query away from the queue's mean: a common-mode
+    push that a fast-moving encoder (small data, high learning rate) satisfies by drifting all
+    embeddings together, away from the stale keys, until they collapse to one point. Centred
+    outputs cannot drift together.
+    """
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
-    )
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out_dim, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
 
 
 class Encoder(nn.Module):
@@ -66,7 +79,9 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
         super().__init__()
         self.backbone, self.feature_dim = build_backbone(cfg, in_channels)
-        self.head = projection_head(cfg.head, self.feature_dim, cfg.head_hidden, cfg.dim)
+        self.head = projection_head(
+            cfg.head, self.feature_dim, cfg.head_hidden, cfg.dim, cfg.head_bn
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(images)), dim=1)

@@ -126,7 +126,7 @@ def run_recipe(
     if recipe.wandb.enabled:
         from cltool.wandb_log import open_wandb
 
-        sink = open_wandb(recipe, run_dir, sweep_id, swept)
+        sink = open_wandb(recipe, run_dir, sweep_id, swept, echo=display.message)
         if sink is not None:
             sinks.append(sink)
 

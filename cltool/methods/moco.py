@@ -34,7 +34,7 @@ class MoCo(nn.Module):
             self.encoder_k = copy.deepcopy(self.encoder_q)
             self.encoder_k.requires_grad_(False)
         self.queue = (
-            KeyQueue(recipe.dictionary.K, recipe.model.dim)
+            KeyQueue(recipe.dictionary.K, recipe.model.dim, start_full=False)
             if recipe.dictionary.kind == "queue"
             else None
         )
@@ -61,12 +61,26 @@ class MoCo(nn.Module):
         generator = torch.Generator(device=q.device).manual_seed(progress.seed)
         return mochi_negatives(q, negatives, mixing.N, mixing.s, mixing.s_prime, generator)
 
-    def encode_keys(self, view_k: torch.Tensor, m: float) -> torch.Tensor:
+    def encode_queries(self, view_q: torch.Tensor) -> torch.Tensor:
+        splits = self.recipe.model.bn_splits
+        if splits <= 1 or len(view_q) < 2 * splits:
+            return self.encoder_q(view_q)
+        return torch.cat([self.encoder_q(chunk) for chunk in view_q.chunk(splits)])
+
+    def encode_keys(self, view_k: torch.Tensor, m: float, seed: int) -> torch.Tensor:
         if not self.momentum_keys:
             return self.encoder_q(view_k)
         with torch.no_grad():
             update_momentum_encoder(self.encoder_k, self.encoder_q, m)
-            return self.encoder_k(view_k)
+            splits = self.recipe.model.bn_splits
+            if splits <= 1 or len(view_k) < 2 * splits:
+                return self.encoder_k(view_k)
+            # Shuffle-BN on one device: the keys' BatchNorm groups hold other images than their
+            # queries' groups, so batch statistics cannot tell the positive from the queue.
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(view_k), generator=generator).to(view_k.device)
+            keys = torch.cat([self.encoder_k(c) for c in view_k[order].chunk(splits)])
+            return keys[torch.argsort(order)]
 
     def training_loss(
         self,
@@ -77,15 +91,17 @@ class MoCo(nn.Module):
         progress: Progress,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.momentum(progress)
-        q = self.encoder_q(view_q)  # [B, dim]
-        k = self.encode_keys(view_k, m)  # [B, dim]
+        q = self.encode_queries(view_q)  # [B, dim]
+        k = self.encode_keys(view_k, m, progress.seed)  # [B, dim]
         if self.queue is None:
             logits = q @ k.T  # [B, B]: the batch's other keys are the negatives
             loss = F.cross_entropy(logits / self.T, torch.arange(len(q), device=q.device))
             off_diagonal = logits.detach().sum() - logits.detach().diagonal().sum()
             negative_sim = off_diagonal / (len(q) * (len(q) - 1))
         else:
-            negatives = self.queue.negatives()  # [K, dim]
+            negatives = self.queue.negatives()  # [K, dim]; the batch's own keys at the first step
+            if len(negatives) == 0:
+                negatives = k.detach()
             loss = info_nce(
                 q, k, negatives, self.T, self.synthetic_negatives(q, negatives, progress)
             )

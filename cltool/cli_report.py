@@ -1,0 +1,172 @@
+"""The ``cl report`` and ``cl sync`` commands, registered on the main Typer app by ``cli.py``.
+
+Only Typer is imported at module level: the report path loads :mod:`cltool.report` (no torch,
+no wandb) when it runs, and wandb is imported only by ``--wandb`` and ``cl sync``, so that
+``cl --help`` and ``cl report`` stay fast. Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cltool.errors import CLToolError
+
+if TYPE_CHECKING:
+    from cltool.report import Report
+
+
+class Format(enum.StrEnum):
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+REPORT_HELP = """Summarise runs: one row per configuration, mean ± std over seeds.
+
+Runs are grouped by the recipe keys that differ between them (seed and name left out);
+the table shows each metric's mean ± std, n, missing seeds and runs still running or failed,
+sorted by the first metric with the best marked. Broken run folders are skipped with a line.
+
+Examples:
+
+    cl report runs/sweeps/SWEEP_ID
+
+    cl report runs/ --metric knn_top1 --group-by m --format markdown
+
+    cl report runs/sweeps/SWEEP_ID --plot report.png --html report.html
+
+    cl report --wandb ENTITY/PROJECT --group SWEEP_ID
+"""
+
+SYNC_HELP = """Upload offline W&B runs under PATH that are not synced yet.
+
+Needs a W&B API key (`wandb login` or WANDB_API_KEY) and network: run it from a login node
+after a sweep ran on compute nodes without network. Stops at the first run that fails.
+
+Examples:
+
+    cl sync
+
+    cl sync runs/sweeps/SWEEP_ID --timeout 300
+"""
+
+
+def _fail(err: CLToolError) -> typer.Exit:
+    print(f"error: {err}", file=sys.stderr)
+    return typer.Exit(err.exit_code)
+
+
+def report_command(
+    path: Annotated[
+        Path, typer.Argument(help="sweep folder, or any folder searched for run folders")
+    ] = Path("runs"),
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", help="summary metric to show (repeatable; the first sorts)"),
+    ] = None,
+    group_by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group-by", help="recipe keys to group by (repeatable; default: keys that differ)"
+        ),
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="output format")] = Format.table,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="write the table to this file (table: as markdown)"),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG of metrics vs swept values and curves")
+    ] = None,
+    html_page: Annotated[
+        Path | None, typer.Option("--html", help="HTML page with the table and the plots")
+    ] = None,
+    wandb_path: Annotated[
+        str | None,
+        typer.Option("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B instead"),
+    ] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="W&B group (the sweep id) with --wandb")
+    ] = None,
+) -> None:
+    from cltool import report
+
+    try:
+        if wandb_path:
+            loaded = report.load_wandb(wandb_path, group)
+        elif group:
+            raise CLToolError("--group needs --wandb ENTITY/PROJECT")
+        else:
+            loaded = report.load_runs(path)
+        for line in loaded.skipped:
+            print(line, file=sys.stderr)
+        result = report.build_report(loaded, metric or report.DEFAULT_METRICS, group_by)
+        png = report.render_plots(result) if plot or html_page else None
+        for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
+            print(line, file=sys.stderr)
+        if plot and png:
+            _write(plot, png)
+        if html_page:
+            _write(html_page, report.to_html(result, png).encode())
+        _emit(result, fmt, output)
+    except CLToolError as err:
+        raise _fail(err) from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as err:
+        raise CLToolError(f"{path}: cannot write ({err.strerror})") from None
+
+
+def _emit(result: Report, fmt: Format, output: Path | None) -> None:
+    """Print the table in ``fmt``, or write it to ``output`` (the table format as markdown)."""
+    from cltool import report
+
+    if fmt is Format.table and output is None:
+        from rich.console import Console
+
+        Console().print(report.to_rich(result))
+        return
+    render = {
+        Format.table: report.to_markdown,
+        Format.markdown: report.to_markdown,
+        Format.csv: report.to_csv,
+        Format.json: report.to_json,
+    }[fmt]
+    text = render(result)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write(output, text.encode())
+
+
+def sync_command(
+    path: Annotated[Path, typer.Argument(help="folder searched for offline W&B runs")] = Path(
+        "runs"
+    ),
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="seconds allowed for each run's upload")
+    ] = 600.0,
+) -> None:
+    from cltool import wandb_log
+
+    try:
+        synced = wandb_log.sync_offline(path, timeout=timeout, echo=lambda s: print(s))
+    except CLToolError as err:
+        raise _fail(err) from None
+    print(f"synced {synced} offline run(s)" if synced else f"{path}: nothing to sync")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``report`` and ``sync`` to the main app."""
+    app.command("report", help=REPORT_HELP)(report_command)
+    app.command("sync", help=SYNC_HELP)(sync_command)
