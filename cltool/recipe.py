@@ -115,9 +115,9 @@ class ModelConfig:
     small_stem: bool = knob(True, doc="ResNet stem for small images (3x3 conv, no max-pool)")
     head: Literal["linear", "mlp"] = knob("mlp", doc="projection head (MoCo v1: linear)")
     head_hidden: int = knob(512, AT_LEAST_1, "hidden width of the MLP head")
-    head_bn: bool = knob(True, doc="BatchNorm in the MLP head (SimCLR, MoCo v3; MoCo v2: false)")
+    head_bn: bool = knob(True, doc="BatchNorm in the MLP head, centred output (as MoCo v3)")
     dim: int = knob(128, AT_LEAST_1, "embedding dimension")
-    bn_splits: int = knob(1, AT_LEAST_1, "BatchNorm groups per batch; keys are shuffled across them")
+    bn_splits: int = knob(1, AT_LEAST_1, "BatchNorm groups per batch (shuffle-BN on one device)")
 
 
 @dataclass(frozen=True)
