@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import unit
 
 from cltool.losses import (
     circle_loss,
@@ -29,18 +30,7 @@ Vec = list[float]
 Mat = list[Vec]
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    """Compare in float64 without leaking the default dtype into other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def dot(a: Vec, b: Vec) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,7 @@ from cltool.memory import (
     update_momentum_encoder,
 )
 
-
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    """Compare in float64 without leaking the default dtype into other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def fifo_order(keys: torch.Tensor, ptr: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:

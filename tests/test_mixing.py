@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import unit
 
 from cltool.losses import info_nce
 from cltool.mixing import mochi_mix, mochi_negatives
@@ -15,18 +14,7 @@ from cltool.mixing import mochi_mix, mochi_negatives
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    """Compare in float64 without leaking the default dtype into other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def hardest(q: list[float], negatives: list[list[float]], count: int) -> set[int]:

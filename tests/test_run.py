@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import MOCO
 
 from cltool.recipe import load_recipe
 from cltool.run import run_recipe
 from cltool.track import DONE, INTERRUPTED, RunDir
-
-ROOT = Path(__file__).resolve().parents[1]
-MOCO = ROOT / "recipes" / "moco.toml"
 
 #: A run of a few seconds: enough steps to cross epochs and checkpoints, no learning asked of it.
 TINY = [

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import typer
+from helpers import MOCO
+from helpers import TINY as BASE_TINY
 from typer.testing import CliRunner
 
 from cltool.cli_sweep import register
@@ -69,21 +71,8 @@ if PROBLEM and os.environ.get("CI"):
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(PROBLEM), reason=str(PROBLEM))]
 
-ROOT = Path(__file__).resolve().parents[1]
-MOCO = ROOT / "recipes" / "moco.toml"
-
 #: Short runs; log every step so the heartbeat shows where a run is.
-TINY = [
-    "train.epochs=1",
-    "train.batch_size=64",
-    "data.num_train=256",
-    "data.num_test=128",
-    "model.width=8",
-    "eval.every_epochs=0",
-    "eval.linear=false",
-    "eval.baselines=false",
-    "train.log_every_steps=1",
-]
+TINY = [*BASE_TINY, "train.log_every_steps=1"]
 #: Long enough (about 10 s on two cores) to be caught mid-run, with checkpoints every 5 steps.
 PREEMPTIBLE = [
     *TINY,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from helpers import MOCO, TINY
 from typer.testing import CliRunner
 
 from cltool.cli_sweep import register
@@ -27,21 +28,6 @@ from cltool.sweep import (
     write_sweep,
 )
 from cltool.track import DONE, FAILED, RUNNING, RunDir, atomic_write_json
-
-ROOT = Path(__file__).resolve().parents[1]
-MOCO = ROOT / "recipes" / "moco.toml"
-
-#: Overrides that make each run a couple of seconds of real training.
-TINY = [
-    "train.epochs=1",
-    "train.batch_size=64",
-    "data.num_train=256",
-    "data.num_test=128",
-    "model.width=8",
-    "eval.every_epochs=0",
-    "eval.linear=false",
-    "eval.baselines=false",
-]
 
 
 def cli() -> typer.Typer:

@@ -1,0 +1,29 @@
+"""Constants and small builders shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+MOCO = ROOT / "recipes" / "moco.toml"
+
+#: Overrides that make a run a couple of seconds of real training on the embedded glyphs.
+TINY = [
+    "train.epochs=1",
+    "train.batch_size=64",
+    "data.num_train=256",
+    "data.num_test=128",
+    "model.width=8",
+    "eval.every_epochs=0",
+    "eval.linear=false",
+    "eval.baselines=false",
+]
+
+
+def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """``rows`` random unit vectors of ``dim`` dimensions, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
