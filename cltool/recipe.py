@@ -30,7 +30,7 @@ from typing import Any, Literal
 from cltool.errors import RecipeError
 
 DATASETS = ("glyphs", "digits", "cifar10", "cifar100", "stl10", "imagefolder")
-METHODS = ("moco",)
+METHODS = ("moco", "mocov3", "simclr", "supcon", "instdisc", "xbm", "spcl")
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,11 @@ class ModelConfig:
     head_bn: bool = knob(True, doc="BatchNorm in the MLP head, centred output (as MoCo v3)")
     dim: int = knob(128, AT_LEAST_1, "embedding dimension")
     bn_splits: int = knob(1, AT_LEAST_1, "BatchNorm groups per batch (shuffle-BN on one device)")
+    head_layers: int = knob(2, Bound(2), "linear layers of the MLP head (SimCLR v2: 3)")
+    eval_head_layers: int = knob(
+        0, AT_LEAST_0, "hidden head layers kept on the backbone for evaluation (SimCLR v2: 1)"
+    )
+    predictor_hidden: int = knob(512, AT_LEAST_1, "hidden width of MoCo v3's predictor")
 
 
 @dataclass(frozen=True)
@@ -129,14 +134,26 @@ class KeyEncoderConfig:
 
 @dataclass(frozen=True)
 class DictionaryConfig:
-    kind: Literal["queue", "in_batch"] = knob("queue")
-    K: int = knob(4096, AT_LEAST_1, "number of keys held (queue size)")
+    kind: Literal["queue", "in_batch", "memory_bank", "cross_batch", "hybrid"] = knob("queue")
+    K: int = knob(4096, AT_LEAST_1, "number of keys held (queue / cross-batch memory size)")
+    bank_m: float = knob(
+        0.5, MOMENTUM, "weight kept on old memory-bank / hybrid-memory entries (InstDisc 0.5)"
+    )
+    nce_k: int = knob(4096, AT_LEAST_1, "noise entries per image in InstDisc's NCE")
+    warmup_steps: int = knob(0, AT_LEAST_0, "steps before the cross-batch memory joins the loss")
+    exclude_own_keys: bool = knob(False, doc="drop a query's own stale keys from its negatives")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: Literal["infonce"] = knob("infonce")
+    kind: Literal["infonce", "nce", "contrastive", "triplet", "lifted", "circle"] = knob(
+        "infonce", doc="nce: InstDisc's NCE; contrastive..circle: metric losses (XBM)"
+    )
     T: float = knob(0.2, POSITIVE, "softmax temperature")
+    base_T: float = knob(0.07, POSITIVE, "SupCon's base temperature (loss scale T / base_T)")
+    margin: float = knob(0.5, AT_LEAST_0, "metric-loss margin; circle loss's relaxation m")
+    mining: Literal["all", "hard", "semihard"] = knob("all", doc="triplets the loss uses")
+    gamma: float = knob(80.0, POSITIVE, "circle loss scale")
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,20 @@ class MixingConfig:
     s: int = knob(1024, AT_LEAST_0, "synthetic negatives mixing two hard negatives")
     s_prime: int = knob(256, AT_LEAST_0, "synthetic negatives mixing the query in")
     start_epoch: int = knob(0, AT_LEAST_0, "first epoch that mixes")
+
+
+@dataclass(frozen=True)
+class SpclConfig:
+    eps: float = knob(0.3, POSITIVE, "DBSCAN radius in cosine distance")
+    eps_delta: float = knob(0.02, Bound(0), "radius change of the reliability clusterings")
+    min_samples: int = knob(4, AT_LEAST_1, "DBSCAN core-point neighbourhood size")
+    reliability: bool = knob(True, doc="keep only independent and compact cluster members")
+    reliability_quantile: float = knob(
+        0.9, PROBABILITY, "quantile of the first epoch's criteria used as thresholds"
+    )
+    source_labelled: int = knob(
+        0, AT_LEAST_0, "first N training images form a labelled source domain"
+    )
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,9 @@ class EvalConfig:
     linear: bool = knob(True, doc="train a linear probe on frozen features at the end")
     linear_epochs: int = knob(100, AT_LEAST_1, "full-batch epochs of the linear probe")
     baselines: bool = knob(True, doc="also report kNN on raw pixels and on a random encoder")
+    diagnostics_every_epochs: int = knob(
+        0, AT_LEAST_0, "dictionary consistency and negative hardness period (0: never)"
+    )
 
 
 @dataclass(frozen=True)
@@ -201,6 +235,7 @@ class Recipe:
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    spcl: SpclConfig = field(default_factory=SpclConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -433,6 +468,61 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
             f"{source}: mixing.enabled = true needs a dictionary with stored negatives: "
             'set dictionary.kind = "queue"'
         )
+    if recipe.mixing.enabled and recipe.method != "moco":
+        raise RecipeError(
+            f'{source}: mixing.enabled = true is implemented for method = "moco" only'
+        )
+    flat = flatten(recipe.to_dict())
+    for key, allowed in METHOD_SLOTS[recipe.method].items():
+        if flat[key] not in allowed:
+            choices = " or ".join(f'"{a}"' for a in allowed)
+            raise RecipeError(
+                f'{source}: method = "{recipe.method}" needs {key} = {choices}, '
+                f'not "{flat[key]}": set it in the recipe'
+            )
+    model = recipe.model
+    if model.head_layers > 2 and model.head != "mlp":
+        raise RecipeError(f'{source}: model.head_layers > 2 needs model.head = "mlp"')
+    if model.eval_head_layers > model.head_layers - 2:
+        raise RecipeError(
+            f"{source}: model.eval_head_layers = {model.eval_head_layers} keeps more than the "
+            f"{model.head_layers - 2} hidden head layers that precede the final MLP: raise "
+            "model.head_layers or lower model.eval_head_layers"
+        )
+
+
+METRIC_LOSSES = ("contrastive", "triplet", "lifted", "circle")
+
+#: The slot values each method is built from; anything else is a recipe error, not ignored.
+METHOD_SLOTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "moco": {"dictionary.kind": ("queue", "in_batch"), "loss.kind": ("infonce",)},
+    "mocov3": {
+        "key_encoder.kind": ("momentum",),
+        "dictionary.kind": ("in_batch",),
+        "loss.kind": ("infonce",),
+    },
+    "simclr": {
+        "key_encoder.kind": ("shared",),
+        "dictionary.kind": ("in_batch",),
+        "loss.kind": ("infonce",),
+    },
+    "supcon": {
+        "key_encoder.kind": ("shared",),
+        "dictionary.kind": ("in_batch",),
+        "loss.kind": ("infonce",),
+    },
+    "instdisc": {
+        "key_encoder.kind": ("shared",),
+        "dictionary.kind": ("memory_bank",),
+        "loss.kind": ("infonce", "nce"),
+    },
+    "xbm": {"dictionary.kind": ("cross_batch",), "loss.kind": METRIC_LOSSES},
+    "spcl": {
+        "key_encoder.kind": ("shared",),
+        "dictionary.kind": ("hybrid",),
+        "loss.kind": ("infonce",),
+    },
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

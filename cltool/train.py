@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cltool import evaluate
+from cltool import diagnostics, evaluate
 from cltool.augment import TwoViewAugment, normalize
 from cltool.data import ImageSet, load_dataset
 from cltool.display import Display
@@ -113,7 +113,9 @@ class Trainer:
             recipe.augment, recipe.data.image_size, self.data.mean, self.data.std
         )
         torch.manual_seed(recipe.train.seed)
-        self.method = build_method(recipe, channels).to(self.device)
+        self.method = build_method(
+            recipe, channels, len(self.data.train_x), self.data.num_classes
+        ).to(self.device)
         trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(recipe, trainable)
         self.steps_per_epoch = len(
@@ -289,6 +291,8 @@ class Trainer:
         # The running loss sum is kept in the checkpoint, so a resumed epoch logs the same mean.
         self.epoch_loss = torch.tensor(state.epoch_loss_sum, device=self.device)
         epoch_start, epoch_images = time.perf_counter(), 0
+        if state.step_in_epoch == 0:  # a resume inside the epoch finds the hook's work done
+            self.method.on_epoch_start(epoch, self)
         for step in range(state.step_in_epoch, len(batches)):
             indices = batches[step]
             x, y = self.data.train_x[indices], self.data.train_y[indices]
@@ -325,6 +329,10 @@ class Trainer:
             self.method.train()
         self.log(record)
         self.display.epoch_end(epoch, recipe.train.epochs, record)
+        every_diag = recipe.eval.diagnostics_every_epochs
+        diag = diagnostics.measure(self) if every_diag and (epoch + 1) % every_diag == 0 else {}
+        if diag:
+            self.log({"kind": "diag", "epoch": epoch, "global_step": state.global_step, **diag})
         state.epoch, state.step_in_epoch = epoch + 1, 0
         self.epoch_loss.zero_()
         self.checkpoint()

@@ -46,7 +46,7 @@ def cl(*args: str, cwd: Path, **kwargs) -> subprocess.Popen[str]:
 
 def test_default_recipe_learns_beyond_both_baselines(tmp_path: Path) -> None:
     """A shortened default run: the trained encoder's kNN beats raw pixels and a random encoder."""
-    recipe = load_recipe(MOCO, ["epochs=8", "eval.every_epochs=0", "train.threads=2"])
+    recipe = load_recipe(MOCO, ["epochs=15", "eval.every_epochs=0"])
     outcome = run_recipe(recipe, tmp_path, quiet=True)
     summary = outcome.summary
     assert outcome.status == DONE and summary is not None

@@ -7,16 +7,25 @@ Every method is a ``torch.nn.Module`` with
 - ``end_step()``: called after the optimiser step (memory updates that the backward pass must
   not see happen here);
 - ``backbone``: the module whose features evaluation uses;
+- ``on_epoch_start(epoch, trainer)``: called before an epoch's first step (never on a resume
+  inside an epoch), for work over the whole data set such as SpCL's clustering;
 - all memory (queue, bank, pointer) in registered buffers, so ``state_dict()`` is the checkpoint.
+
+Methods derive from :class:`Method`, which supplies the hooks they do not need as no-ops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from cltool.recipe import Recipe
+
+if TYPE_CHECKING:
+    from cltool.train import Trainer
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,33 @@ class Progress:
         return self.global_step / max(1, self.total_steps)
 
 
-def build_method(recipe: Recipe, in_channels: int) -> nn.Module:
-    from cltool.methods.moco import MoCo
+class Method(nn.Module):
+    """Base of every method: the hooks of the loop that a method may leave out."""
 
-    builders = {"moco": MoCo}
-    return builders[recipe.method](recipe, in_channels)
+    def end_step(self) -> None:
+        """Memory updates after the optimiser step; none by default."""
+
+    def on_epoch_start(self, epoch: int, trainer: Trainer) -> None:
+        """Whole-data-set work before the epoch's first step; none by default."""
+
+
+def build_method(recipe: Recipe, in_channels: int, num_train: int, num_classes: int) -> Method:
+    """The recipe's method; memories sized by the data set are sized by ``num_train`` images
+    of ``num_classes`` classes."""
+    from cltool.methods.instdisc import InstDisc
+    from cltool.methods.moco import MoCo
+    from cltool.methods.mocov3 import MoCoV3
+    from cltool.methods.simclr import SimCLR, SupCon
+    from cltool.methods.spcl import SpCL
+    from cltool.methods.xbm import XBM
+
+    builders: dict[str, Callable[[], Method]] = {
+        "moco": lambda: MoCo(recipe, in_channels),
+        "mocov3": lambda: MoCoV3(recipe, in_channels),
+        "simclr": lambda: SimCLR(recipe, in_channels),
+        "supcon": lambda: SupCon(recipe, in_channels),
+        "instdisc": lambda: InstDisc(recipe, in_channels, num_train),
+        "xbm": lambda: XBM(recipe, in_channels),
+        "spcl": lambda: SpCL(recipe, in_channels, num_train, num_classes),
+    }
+    return builders[recipe.method]()

@@ -18,17 +18,17 @@ from torch import nn
 
 from cltool.losses import info_nce
 from cltool.memory import KeyQueue, cosine_momentum, update_momentum_encoder
-from cltool.methods import Progress
+from cltool.methods import Method, Progress
+from cltool.methods.parts import build_encoder, evaluation_network
 from cltool.mixing import mochi_negatives
-from cltool.nets import Encoder
 from cltool.recipe import Recipe
 
 
-class MoCo(nn.Module):
+class MoCo(Method):
     def __init__(self, recipe: Recipe, in_channels: int) -> None:
         super().__init__()
         self.recipe = recipe
-        self.encoder_q = Encoder(recipe.model, in_channels)
+        self.encoder_q = build_encoder(recipe.model, in_channels)
         self.momentum_keys = recipe.key_encoder.kind == "momentum"
         if self.momentum_keys:
             self.encoder_k = copy.deepcopy(self.encoder_q)
@@ -43,7 +43,7 @@ class MoCo(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
+        return evaluation_network(self.encoder_q, self.recipe.model.eval_head_layers)
 
     def momentum(self, progress: Progress) -> float:
         m = self.recipe.key_encoder.m
@@ -72,15 +72,21 @@ class MoCo(nn.Module):
             return self.encoder_q(view_k)
         with torch.no_grad():
             update_momentum_encoder(self.encoder_k, self.encoder_q, m)
-            splits = self.recipe.model.bn_splits
-            if splits <= 1 or len(view_k) < 2 * splits:
-                return self.encoder_k(view_k)
-            # Shuffle-BN on one device: the keys' BatchNorm groups hold other images than their
-            # queries' groups, so batch statistics cannot tell the positive from the queue.
-            generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(len(view_k), generator=generator).to(view_k.device)
-            keys = torch.cat([self.encoder_k(c) for c in view_k[order].chunk(splits)])
-            return keys[torch.argsort(order)]
+        return self.key_forward(view_k, seed)
+
+    @torch.no_grad()
+    def key_forward(self, view_k: torch.Tensor, seed: int) -> torch.Tensor:
+        """Keys [B, dim] from the momentum encoder as it is now: the step's key computation
+        without the momentum update, which the consistency diagnostic replays."""
+        splits = self.recipe.model.bn_splits
+        if splits <= 1 or len(view_k) < 2 * splits:
+            return self.encoder_k(view_k)
+        # Shuffle-BN on one device: the keys' BatchNorm groups hold other images than their
+        # queries' groups, so batch statistics cannot tell the positive from the queue.
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(view_k), generator=generator).to(view_k.device)
+        keys = torch.cat([self.encoder_k(c) for c in view_k[order].chunk(splits)])
+        return keys[torch.argsort(order)]
 
     def training_loss(
         self,
@@ -93,6 +99,7 @@ class MoCo(nn.Module):
         m = self.momentum(progress)
         q = self.encode_queries(view_q)  # [B, dim]
         k = self.encode_keys(view_k, m, progress.seed)  # [B, dim]
+        synthetic = None  # MoCHi's negatives [B, s + s', dim], queue only
         if self.queue is None:
             logits = q @ k.T  # [B, B]: the batch's other keys are the negatives
             loss = F.cross_entropy(logits / self.T, torch.arange(len(q), device=q.device))
@@ -100,11 +107,13 @@ class MoCo(nn.Module):
             negative_sim = off_diagonal / (len(q) * (len(q) - 1))
         else:
             negatives = self.queue.negatives()  # [K, dim]; the batch's own keys at the first step
+            own_keys = None
             if len(negatives) == 0:
                 negatives = k.detach()
-            loss = info_nce(
-                q, k, negatives, self.T, self.synthetic_negatives(q, negatives, progress)
-            )
+            elif self.recipe.dictionary.exclude_own_keys:
+                own_keys = self.queue.stale_key_mask(indices.to(q.device))  # [B, K]
+            synthetic = self.synthetic_negatives(q, negatives, progress)
+            loss = info_nce(q, k, negatives, self.T, synthetic, own_keys)
             negative_sim = (q.detach() @ negatives.T).mean()
             self.pending_keys = (k.detach(), indices)
         logs = {
@@ -112,6 +121,8 @@ class MoCo(nn.Module):
             "pos_sim": (q.detach() * k.detach()).sum(1).mean(),
             "neg_sim": negative_sim,
         }
+        if self.recipe.mixing.enabled:
+            logs["synthetic"] = torch.tensor(0 if synthetic is None else synthetic.shape[1])
         return loss, logs
 
     @torch.no_grad()

@@ -1,0 +1,57 @@
+"""Smoke tests of the benchmark scripts: each runs end to end at the tiniest setting.
+
+They check that the scripts still run against the current code (the benchmarks reach into the
+trainer and the methods, which change) and print their ratio tables, not any timing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from helpers import ROOT
+
+RATIO = re.compile(r"\d+\.\d+x")
+TINY_THREADS = ["--threads", "1"]
+
+
+def run_script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name>`` and return its stdout; fail with its stderr if it fails."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args, *TINY_THREADS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_step_bench_prints_ratios_to_the_floor() -> None:
+    out = run_script(
+        "step_bench.py",
+        *("--backbone", "small_cnn", "--batch", "8", "--repeats", "1"),
+        *("--num-train", "64", "--methods", "moco", "--no-lightly"),
+    )
+    assert "step / floor" in out
+    assert RATIO.search(out), out
+    assert "momentum update" in out
+
+
+def test_data_bench_prints_augmentation_ratios() -> None:
+    out = run_script("data_bench.py", "--batch", "8", "--backbone", "small_cnn", "--repeats", "1")
+    assert "torchvision / project" in out
+    assert RATIO.search(out), out
+
+
+def test_scale_bench_shows_no_queue_copies() -> None:
+    out = run_script(
+        "scale_bench.py",
+        *("--ks", "256", "1024", "--batches", "8", "16", "--sizes", "256", "1024"),
+        *("--repeats", "1", "--device", "cpu"),
+    )
+    assert "per_unit_vs_largest" in out
+    copies = out.split("### no copies")[1]
+    assert "| True |" not in copies, copies
