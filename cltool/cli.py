@@ -10,7 +10,7 @@ import functools
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ from rich.table import Table
 
 from cltool import __version__
 from cltool.errors import CLToolError
+
+if TYPE_CHECKING:
+    from cltool.recipe import Recipe
+    from cltool.run import RunOutcome
 
 app = typer.Typer(
     name="cl",
@@ -128,6 +132,25 @@ def run(
         bool | None,
         typer.Option("--wandb/--no-wandb", help="Log to Weights & Biases (default: the recipe)."),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes on this machine (torch.distributed: gloo on CPU, NCCL on GPUs); "
+            "train.batch_size is the global batch, split across them.",
+        ),
+    ] = 1,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local, or slurm: submit the run as one SLURM job (through submitit) and return."
+        ),
+    ] = "local",
+    nodes: Annotated[int, typer.Option(min=1, help="SLURM nodes of the run.")] = 1,
+    gpus_per_node: Annotated[
+        int,
+        typer.Option(min=0, help="SLURM GPUs per node; one rank per GPU (else --nproc ranks)."),
+    ] = 0,
 ) -> None:
     """Train one recipe, evaluate it and print a summary.
 
@@ -142,19 +165,27 @@ def run(
         cl run recipes/moco.toml --set m=0.99 --set K=1024 --set T=0.1 --set epochs=5
 
         cl run recipes/moco.toml --set data.dataset=digits --out /tmp/runs --force
+
+        cl run recipes/moco.toml --nproc 2
+
+        cl run recipes/moco.toml --executor slurm --nodes 2 --gpus-per-node 4
     """
+    from cltool.cli_sweep import EXECUTORS, choose
     from cltool.recipe import load_recipe
-    from cltool.run import Interrupted, run_recipe
+    from cltool.run import Interrupted
 
     overrides = list(set_ or [])
     if wandb is not None:
         overrides.append(f"wandb.enabled={'true' if wandb else 'false'}")
     loaded = load_recipe(recipe, overrides)
-    stop = StopFlag()
-    stop.install()
+    if choose(executor, EXECUTORS, "--executor") == "slurm":
+        submit_to_slurm(loaded, out, nodes, gpus_per_node or nproc, gpus_per_node, force=force)
+        return
     try:
-        outcome = run_recipe(
-            loaded, out, force=force, quiet=quiet, console=console, should_stop=stop
+        outcome = (
+            run_local_ranks(loaded, out, nproc, force=force, quiet=quiet)
+            if nproc > 1
+            else run_stoppable(loaded, out, force=force, quiet=quiet)
         )
     except Interrupted:
         raise typer.Exit(130) from None
@@ -168,6 +199,52 @@ def run(
     if not quiet and outcome.summary is not None:
         console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", outcome.summary))
         console.print(f"run folder: {outcome.run_dir.path}", highlight=False)
+
+
+def run_stoppable(recipe: Recipe, out: Path, *, force: bool, quiet: bool) -> RunOutcome:
+    """One process, stopped cleanly by the first Ctrl-C or SIGTERM."""
+    from cltool.run import run_recipe
+
+    stop = StopFlag()
+    stop.install()
+    return run_recipe(recipe, out, force=force, quiet=quiet, console=console, should_stop=stop)
+
+
+def submit_to_slurm(
+    recipe: Recipe, out: Path, nodes: int, tasks_per_node: int, gpus_per_node: int, *, force: bool
+) -> None:
+    """Submit one run of ``nodes * tasks_per_node`` ranks; ``cl status``-style checking is by
+    its run folder."""
+    from cltool.launch import SlurmOptions, submit_run
+    from cltool.recipe import check_world_size
+    from cltool.run import prepare_run_dir
+    from cltool.track import RunDir
+
+    check_world_size(recipe, nodes * tasks_per_node)
+    if force:
+        prepare_run_dir(RunDir.for_run(out, recipe.name, recipe.fingerprint), recipe, force=True)
+    options = SlurmOptions(
+        nodes=nodes, gpus_per_node=gpus_per_node or None, ntasks_per_node=tasks_per_node
+    )
+    job_id = submit_run(recipe, out, options)
+    console.print(f"submitted job {job_id}: {nodes} node(s) x {tasks_per_node} task(s)")
+
+
+def run_local_ranks(
+    recipe: Recipe, out: Path, nproc: int, *, force: bool, quiet: bool
+) -> RunOutcome:
+    """``nproc`` processes of one run; the outcome is read back from rank 0's run folder."""
+    from cltool.dist import launch_local
+    from cltool.recipe import check_world_size
+    from cltool.run import Interrupted, RunOutcome, run_rank
+    from cltool.track import DONE, RunDir
+
+    check_world_size(recipe, nproc)
+    launch_local(nproc, run_rank, recipe, out, force, quiet)
+    run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
+    if not run_dir.is_done():
+        raise Interrupted
+    return RunOutcome(run_dir, run_dir.summary(), DONE)
 
 
 @app.command()

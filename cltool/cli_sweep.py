@@ -37,7 +37,7 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(err.exit_code) from None
 
 
-def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+def choose(value: str, allowed: tuple[str, ...], flag: str) -> str:
     if value not in allowed:
         raise RecipeError(f"{flag} {value}: choose one of {', '.join(allowed)}")
     return value
@@ -112,7 +112,7 @@ def sweep_command(
     from cltool.sweep import compile_sweep, write_sweep
 
     with one_line_errors():
-        _choice(executor, EXECUTORS, "--executor")
+        choose(executor, EXECUTORS, "--executor")
         if jobs < 1:
             raise RecipeError(f"--jobs {jobs}: needs at least 1")
         sweep = compile_sweep(
@@ -204,7 +204,7 @@ def status_command(
     from cltool.sweep import load_manifest
 
     with one_line_errors():
-        _choice(format_, FORMATS, "--format")
+        choose(format_, FORMATS, "--format")
         manifest = load_manifest(sweep_dir)
         swept, sweep_id = manifest.get("swept_keys", []), manifest.get("sweep_id", sweep_dir.name)
         title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"

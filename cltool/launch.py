@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 from rich.console import Console
 
 from cltool.errors import CLToolError, RecipeError
+from cltool.recipe import Recipe
 from cltool.status import ACTIVE, RunStatus, collect, short_key
 from cltool.sweep import RECIPES, PlannedRun, Sweep, record_submissions, run_entries
 from cltool.track import DONE, FAILED, RunDir
@@ -86,7 +87,7 @@ def mark_failed(run_dir: RunDir, error: str) -> None:
 def run_in_process(
     run: PlannedRun,
     out: Path,
-    sweep_id: str,
+    sweep_id: str | None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> str:
     """Train one run here; returns its final status. Raises ``Interrupted`` when stopped."""
@@ -144,7 +145,7 @@ class RunTask:
 
     recipe_file: str
     out: str
-    sweep_id: str
+    sweep_id: str | None
     params: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self) -> str:
@@ -310,6 +311,8 @@ class SlurmOptions:
     constraint: str | None = None
     array_parallelism: int | None = None
     sbatch: dict[str, str] = field(default_factory=dict)
+    nodes: int | None = None
+    ntasks_per_node: int | None = None  # default: one task (one rank) per GPU
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str) -> SlurmOptions:
@@ -323,8 +326,14 @@ class SlurmOptions:
                 if not isinstance(value, dict):
                     raise RecipeError(f"{where}: slurm.sbatch must be a table of sbatch options")
                 value = {str(k): str(v) for k, v in value.items()}
-            elif key in ("gpus_per_node", "cpus_per_task", "array_parallelism"):
-                least = 1 if key == "array_parallelism" else 0
+            elif key in (
+                "nodes",
+                "gpus_per_node",
+                "ntasks_per_node",
+                "cpus_per_task",
+                "array_parallelism",
+            ):
+                least = 0 if key in ("gpus_per_node", "cpus_per_task") else 1
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
                     raise RecipeError(
                         f"{where}: slurm.{key} = {value!r}: need a whole number >= {least}"
@@ -358,8 +367,12 @@ class SlurmOptions:
         Memory goes through ``additional_parameters`` so the same dict renders the dry-run script.
         """
         params: dict[str, Any] = {"job_name": job_name, "time": parse_time(self.time or "1:00:00")}
+        tasks = self.ntasks_per_node or (self.gpus_per_node or 0)
+        if tasks > 1:  # a distributed run: each task is a rank, submitit exports its env
+            params["ntasks_per_node"] = tasks
         for name in (
             "partition",
+            "nodes",
             "gpus_per_node",
             "cpus_per_task",
             "account",
@@ -418,34 +431,61 @@ def _sbatch_message(err: BaseException) -> str:
     return text.removeprefix("sbatch: error: ")
 
 
+def _slurm_executor(folder: Path, options: SlurmOptions, job_name: str) -> Any:
+    import submitit
+
+    try:
+        executor = submitit.SlurmExecutor(folder=folder)
+    except RuntimeError:
+        raise CLToolError("slurm executor: no `srun` here; run on a SLURM login node") from None
+    executor.update_parameters(**options.submitit_parameters(job_name))
+    return executor
+
+
+@contextlib.contextmanager
+def _sbatch_errors() -> Iterator[None]:
+    """sbatch's refusal as one CLToolError line; submitit prints sbatch's stderr before
+    raising, which the line already says, so it is swallowed."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            yield
+        except (FailedJobError, FailedSubmissionError, OSError) as err:
+            raise CLToolError(f"sbatch failed: {_sbatch_message(err)}") from None
+
+
+def submit_run(recipe: Recipe, out: Path, options: SlurmOptions) -> str:
+    """One run as one SLURM job (``nodes`` x tasks per node, one rank per task); returns its job
+    id. The task reads the recipe back from the run folder's config, so a requeue resumes the
+    same run from its checkpoint."""
+    from cltool.run import prepare_run_dir
+
+    out = Path(out).resolve()
+    run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+    prepare_run_dir(run_dir, recipe, force=False)
+    executor = _slurm_executor(run_dir.path / "slurm", options, f"cl-{recipe.fingerprint}")
+    with _sbatch_errors():
+        job = executor.submit(RunTask(str(run_dir.config), str(out), None))
+    return job.job_id
+
+
 def submit_slurm(
     sweep: Sweep, runs: list[PlannedRun], out: Path, options: SlurmOptions
 ) -> list[str]:
     """Submit the runs as job arrays; returns the array job ids. The manifest records every
     task as soon as its array is accepted, so a failure on a later array leaves it true."""
-    import submitit
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
     out = Path(out).resolve()
     folder = sweep.folder(out)
-    try:
-        executor = submitit.SlurmExecutor(folder=slurm_folder(sweep, out))
-    except RuntimeError:
-        raise CLToolError("slurm executor: no `srun` here; run on a SLURM login node") from None
-    executor.update_parameters(**options.submitit_parameters(f"cl-{sweep.sweep_id}"))
+    executor = _slurm_executor(slurm_folder(sweep, out), options, f"cl-{sweep.sweep_id}")
     array_ids = []
     for chunk in _chunks(runs, max_array_size()):
         tasks = [
             RunTask(str(folder / RECIPES / f"{r.run_id}.toml"), str(out), sweep.sweep_id, r.params)
             for r in chunk
         ]
-        # submitit prints sbatch's stderr before raising; the one-line error below says it.
-        with contextlib.redirect_stderr(io.StringIO()):
-            try:
-                with executor.batch():
-                    jobs = [executor.submit(task) for task in tasks]
-            except (FailedJobError, FailedSubmissionError, OSError) as err:
-                raise CLToolError(f"sbatch failed: {_sbatch_message(err)}") from None
+        with _sbatch_errors(), executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
         now = time.time()
         records = {}
         for run, job in zip(chunk, jobs, strict=True):

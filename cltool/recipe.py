@@ -491,6 +491,15 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
         )
 
 
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """The global batch ``train.batch_size`` is split evenly over the ranks."""
+    if recipe.train.batch_size % world_size:
+        raise RecipeError(
+            f"train.batch_size = {recipe.train.batch_size} is not divisible by the world size "
+            f"{world_size}: choose a multiple of {world_size}"
+        )
+
+
 METRIC_LOSSES = ("contrastive", "triplet", "lifted", "circle")
 
 #: The slot values each method is built from; anything else is a recipe error, not ignored.

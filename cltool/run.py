@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cltool import dist
 from cltool.display import Display
 from cltool.errors import CLToolError
 from cltool.recipe import Recipe, to_toml
@@ -109,8 +110,11 @@ def run_recipe(
 
     Raises :class:`CLToolError` for problems a user can fix (nothing is written when they show
     before training starts), :class:`Interrupted` when ``should_stop`` turned true.
+
+    In a process group (the environment names a world size above one) every rank trains and
+    resumes from the checkpoint; rank 0 alone writes the folder and shows progress.
     """
-    from cltool.train import StopRequested, Trainer
+    from cltool.train import StopRequested, Trainer, resolve_device
 
     console = console or Console(stderr=False)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
@@ -118,9 +122,13 @@ def run_recipe(
         return RunOutcome(run_dir, run_dir.summary(), DONE)
 
     # Everything that can fail on bad input (data, device, model) happens before any file exists.
+    dist.init_from_env(resolve_device(recipe.train.device))
+    if not dist.is_main():
+        return _run_other_rank(recipe, run_dir, should_stop)
     display = Display(console, log_path=None, quiet=quiet)
     trainer = Trainer(recipe, run_dir, display, log=lambda record: None, should_stop=should_stop)
     prepare_run_dir(run_dir, recipe, force)
+    dist.barrier()  # the other ranks look for a checkpoint once --force has removed the old one
     display.log_path = run_dir.log
     sinks: list[MetricSink] = [JsonlSink(run_dir.metrics)]
     if recipe.wandb.enabled:
@@ -155,7 +163,7 @@ def run_recipe(
             "run_id": recipe.fingerprint,
             "name": recipe.name,
             "method": recipe.method,
-            "world_size": 1,
+            "world_size": trainer.world_size,
             **metrics,
             "versions": package_versions(),
             "git_commit": git_commit(),
@@ -181,3 +189,28 @@ def run_recipe(
         display.finish()
         for sink in sinks:
             sink.finish(summary, status)
+
+
+def _run_other_rank(recipe: Recipe, run_dir: RunDir, should_stop: Callable[[], bool]) -> RunOutcome:
+    """A rank other than 0: trains in step with rank 0, writes nothing, shows nothing; done
+    when its training is (the summary is rank 0's)."""
+    from cltool.train import StopRequested, Trainer
+
+    display = Display(Console(quiet=True), log_path=None, quiet=True)
+    trainer = Trainer(recipe, run_dir, display, log=lambda record: None, should_stop=should_stop)
+    dist.barrier()  # rank 0 has prepared the folder
+    try:
+        trainer.run()
+    except StopRequested:
+        raise Interrupted from None
+    return RunOutcome(run_dir, None, DONE)
+
+
+def run_rank(recipe: Recipe, out: Path, force: bool, quiet: bool) -> None:
+    """One process of ``cl run --nproc N``: the run, then leave the process group."""
+    try:
+        run_recipe(recipe, out, force=force, quiet=quiet)
+    except Interrupted:
+        pass
+    finally:
+        dist.shutdown()

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from cltool import diagnostics, evaluate
+from cltool import diagnostics, dist, evaluate
 from cltool.augment import TwoViewAugment, normalize
 from cltool.data import ImageSet, load_dataset
 from cltool.display import Display
 from cltool.errors import CLToolError
 from cltool.methods import Progress, build_method
-from cltool.recipe import Recipe
+from cltool.recipe import Recipe, check_world_size
 from cltool.track import RunDir, atomic_write_bytes
 
 
@@ -71,13 +71,27 @@ def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.o
     )
 
 
-def batches_of_epoch(num_images: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The epoch's shuffled index batches; a last batch of fewer than 2 images is dropped
-    (BatchNorm cannot train on one image), any other short last batch is kept."""
+def batches_of_epoch(
+    num_images: int, batch_size: int, seed: int, epoch: int, world_size: int = 1
+) -> list[torch.Tensor]:
+    """The epoch's shuffled global index batches, the same on every rank (a distributed sampler
+    with per-epoch seeding: each rank takes its block of each batch).
+
+    A short last batch is cut to a multiple of the world size, so the ranks' blocks are equal
+    (gathers need equal shapes), and dropped if a rank's block would be under 2 images
+    (BatchNorm cannot train on one image).
+    """
     generator = torch.Generator().manual_seed(step_seed(seed, epoch, -1))
     order = torch.randperm(num_images, generator=generator)
     batches = list(order.split(batch_size))
-    return batches if len(batches[-1]) >= 2 else batches[:-1]
+    last = batches[-1][: len(batches[-1]) - len(batches[-1]) % world_size]
+    return [*batches[:-1], last] if len(last) >= 2 * world_size else batches[:-1]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The augmentation seed of one rank's block of a step: rank 0 keeps the step's seed, so a
+    single-process run draws what it always drew."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
 
 
 @dataclass
@@ -107,6 +121,11 @@ class Trainer:
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.device = resolve_device(recipe.train.device)
+        self.world_size, self.rank = dist.world_size(), dist.rank()
+        if self.world_size > 1:
+            check_world_size(recipe, self.world_size)
+            if self.device.type == "cuda":  # init_from_env picked this rank's GPU
+                self.device = torch.device("cuda", torch.cuda.current_device())
         self.data: ImageSet = load_dataset(recipe.data)
         channels = self.data.train_x.shape[1]
         self.augment = TwoViewAugment(
@@ -116,17 +135,32 @@ class Trainer:
         self.method = build_method(
             recipe, channels, len(self.data.train_x), self.data.num_classes
         ).to(self.device)
+        # DDP averages the gradients over ranks; the method's forward is its training_loss.
+        self.model: torch.nn.Module = self.method
+        if self.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.method)
         trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(recipe, trainable)
-        self.steps_per_epoch = len(
-            batches_of_epoch(len(self.data.train_x), recipe.train.batch_size, 0, 0)
-        )
+        self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = self.steps_per_epoch * recipe.train.epochs
         self.state = TrainState()
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        recipe = self.recipe
+        return batches_of_epoch(
+            len(self.data.train_x),
+            recipe.train.batch_size,
+            recipe.train.seed,
+            epoch,
+            self.world_size,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes; the other ranks hold the same state."""
+        if self.rank != 0:
+            return
         blob = {
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -220,13 +254,13 @@ class Trainer:
     ) -> dict[str, torch.Tensor]:
         recipe = self.recipe
         seed = step_seed(recipe.train.seed, epoch, step)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(rank_seed(seed, self.rank))
         view_q, view_k = self.augment(images.to(self.device, non_blocking=True), generator)
         lr = learning_rate(recipe, self.state.global_step, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         progress = Progress(epoch, self.state.global_step, self.total_steps, seed)
-        loss, logs = self.method.training_loss(view_q, view_k, indices, labels, progress)
+        loss, logs = self.model(view_q, view_k, indices, labels, progress)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -251,9 +285,10 @@ class Trainer:
             self.display.message(
                 f"resuming from step {self.state.global_step} (epoch {self.state.epoch + 1})"
             )
-        elif recipe.eval.baselines:
+        elif recipe.eval.baselines and self.rank == 0:
             self.display.message("measuring baselines (raw pixels, random encoder)")
             self.state.baselines = self.baselines()
+        dist.barrier()  # evaluation runs once, on rank 0; the others wait here
         self.wall_before, self.started = self.state.wall_s, time.perf_counter()
         self.method.train()
         self.display.start(self.total_steps, self.state.global_step)
@@ -262,7 +297,8 @@ class Trainer:
         self.display.finish()
         wall_s = self.elapsed()
         self.display.message("evaluating (kNN, linear probe)")
-        metrics = {**self.state.baselines, **self.final_metrics()}
+        metrics = {**self.state.baselines, **self.final_metrics()} if self.rank == 0 else {}
+        dist.barrier()
         self.log(
             {
                 "kind": "eval",
@@ -285,23 +321,21 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         recipe, state = self.recipe, self.state
-        batches = batches_of_epoch(
-            len(self.data.train_x), recipe.train.batch_size, recipe.train.seed, epoch
-        )
+        batches = self.epoch_batches(epoch)
         # The running loss sum is kept in the checkpoint, so a resumed epoch logs the same mean.
         self.epoch_loss = torch.tensor(state.epoch_loss_sum, device=self.device)
         epoch_start, epoch_images = time.perf_counter(), 0
         if state.step_in_epoch == 0:  # a resume inside the epoch finds the hook's work done
             self.method.on_epoch_start(epoch, self)
         for step in range(state.step_in_epoch, len(batches)):
-            indices = batches[step]
+            indices = batches[step].chunk(self.world_size)[self.rank]
             x, y = self.data.train_x[indices], self.data.train_y[indices]
             logs = self.train_step(x, indices, y, epoch, step)
             self.epoch_loss += logs["loss"]
             state.global_step += 1
             state.step_in_epoch = step + 1
-            state.images_seen += len(indices)
-            epoch_images += len(indices)
+            state.images_seen += len(batches[step])
+            epoch_images += len(batches[step])
             if state.global_step % recipe.train.log_every_steps == 0:
                 record = {k: float(v) for k, v in logs.items()}
                 rate = epoch_images / (time.perf_counter() - epoch_start)
@@ -313,7 +347,7 @@ class Trainer:
             every = recipe.train.checkpoint_every_steps
             if every and state.global_step % every == 0:
                 self.checkpoint()
-            if self.should_stop():
+            if dist.any_rank(self.should_stop()):
                 self.checkpoint()
                 raise StopRequested
         record = {
@@ -325,12 +359,17 @@ class Trainer:
         }
         every_epochs = recipe.eval.every_epochs
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < recipe.train.epochs:
-            record["knn_top1"] = self.knn(self.method.backbone)
-            self.method.train()
+            if self.rank == 0:
+                record["knn_top1"] = self.knn(self.method.backbone)
+                self.method.train()
+            dist.barrier()
         self.log(record)
         self.display.epoch_end(epoch, recipe.train.epochs, record)
         every_diag = recipe.eval.diagnostics_every_epochs
-        diag = diagnostics.measure(self) if every_diag and (epoch + 1) % every_diag == 0 else {}
+        # The replay of the queue's keys is single-process code: its key forward would be
+        # a collective on rank 0 alone.
+        measure = every_diag and (epoch + 1) % every_diag == 0 and self.world_size == 1
+        diag = diagnostics.measure(self) if measure else {}
         if diag:
             self.log({"kind": "diag", "epoch": epoch, "global_step": state.global_step, **diag})
         state.epoch, state.step_in_epoch = epoch + 1, 0

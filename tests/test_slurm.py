@@ -203,3 +203,21 @@ def test_status_reports_a_run_that_crashed_inside_its_job(
     table = invoke("status", folder)
     assert table.exit_code == 3 and "failed" in table.output
     print(f"failed-run sweep: {time.monotonic() - started:.1f} s")
+
+
+def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> None:
+    """``cl run --executor slurm``: one job, two tasks (ranks), gloo on the node's CPUs."""
+    from cltool.cli import app
+
+    recipe = load_recipe(MOCO, TINY)
+    args = ["run", MOCO, "--executor", "slurm", "--nproc", 2, "--out", tmp_path, *sets(TINY)]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split("submitted job ")[1].split(":")[0]
+    run_dir = RunDir.for_run(tmp_path, "moco", recipe.fingerprint)
+    try:
+        wait_for(run_dir.is_done, 240, "the two-task run to finish")
+    finally:
+        subprocess.run(["scancel", job_id], timeout=20, check=False)
+    summary = run_dir.summary()
+    assert summary["world_size"] == 2 and summary["epochs_done"] == 1

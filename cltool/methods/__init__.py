@@ -4,6 +4,7 @@ Every method is a ``torch.nn.Module`` with
 
 - ``training_loss(view_q, view_k, indices, labels, progress) -> (loss, logs)``: one step's loss
   and a dict of scalar tensors to log (read back only every few steps, so no host sync per step);
+- ``forward(...)``: ``training_loss`` itself, the entry point DistributedDataParallel wraps;
 - ``end_step()``: called after the optimiser step (memory updates that the backward pass must
   not see happen here);
 - ``backbone``: the module whose features evaluation uses;
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 
 from cltool.recipe import Recipe
 
@@ -44,6 +45,11 @@ class Progress:
 
 class Method(nn.Module):
     """Base of every method: the hooks of the loop that a method may leave out."""
+
+    def forward(self, *step: object) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step's loss: DistributedDataParallel hooks its gradient averaging into a
+        module's forward, so the training loss is reached through it."""
+        return self.training_loss(*step)
 
     def end_step(self) -> None:
         """Memory updates after the optimiser step; none by default."""

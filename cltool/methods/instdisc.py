@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cltool import dist
 from cltool.losses import estimate_Z, instance_softmax, nce_loss
 from cltool.memory import MemoryBank
 from cltool.methods import Method, Progress
@@ -50,7 +51,8 @@ class InstDisc(Method):
         noise = self.bank.entries(self.bank.sample(self.recipe.dictionary.nce_k, generator))
         noise_logits = f @ noise.T  # [B, K]
         if self.Z.item() == 0:
-            self.Z.fill_(estimate_Z(noise_logits, self.T, n))
+            # From all ranks' logits, so every rank holds the Z of the global batch.
+            self.Z.fill_(estimate_Z(dist.all_gather_no_grad(noise_logits), self.T, n))
         return nce_loss(
             (f * positives).sum(1), noise_logits, self.T, n, self.Z.item()
         ), noise_logits
@@ -81,6 +83,7 @@ class InstDisc(Method):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        """v_i <- normalise(m v_i + (1 - m) f_i), after the loss has read the old entries."""
+        """v_i <- normalise(m v_i + (1 - m) f_i), after the loss has read the old entries; all
+        ranks' entries, so the ranks hold the same bank."""
         features, indices = self.pending
-        self.bank.update(indices, features)
+        self.bank.update(dist.all_gather_no_grad(indices), dist.all_gather_no_grad(features))

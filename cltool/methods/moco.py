@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cltool import dist
 from cltool.losses import info_nce
 from cltool.memory import KeyQueue, cosine_momentum, update_momentum_encoder
 from cltool.methods import Method, Progress
@@ -78,6 +79,12 @@ class MoCo(Method):
     def key_forward(self, view_k: torch.Tensor, seed: int) -> torch.Tensor:
         """Keys [B, dim] from the momentum encoder as it is now: the step's key computation
         without the momentum update, which the consistency diagnostic replays."""
+        if dist.world_size() > 1:
+            # Shuffle-BN across ranks: each rank's BatchNorm sees a random block of the global
+            # batch (the permutation drawn from the step's seed, the same on every rank), and
+            # each rank gets back the keys of its own images, in their order.
+            shuffled, order = dist.shuffle_across_ranks(view_k, seed)
+            return dist.unshuffle(self.encoder_k(shuffled), order)
         splits = self.recipe.model.bn_splits
         if splits <= 1 or len(view_k) < 2 * splits:
             return self.encoder_k(view_k)
@@ -128,7 +135,8 @@ class MoCo(Method):
     @torch.no_grad()
     def end_step(self) -> None:
         """Enqueue this step's keys, after the backward pass that still reads the queue (MoCo
-        clones the queue instead; enqueueing afterwards avoids that copy)."""
+        clones the queue instead; enqueueing afterwards avoids that copy). Every rank enqueues
+        all ranks' keys in rank order, so the ranks hold the same queue."""
         if self.queue is not None:
             keys, ids = self.pending_keys
-            self.queue.enqueue(keys, ids)
+            self.queue.enqueue(dist.all_gather_no_grad(keys), dist.all_gather_no_grad(ids))

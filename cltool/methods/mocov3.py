@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cltool import dist
 from cltool.methods import Progress
 from cltool.methods.moco import MoCo
 from cltool.methods.parts import hidden_layer, in_batch_info_nce, pair_similarities
@@ -42,5 +43,8 @@ class MoCoV3(MoCo):
         views = torch.cat([view_q, view_k])  # [2B, C, H, W]: one forward per encoder
         q1, q2 = F.normalize(self.predictor(self.encode_queries(views)), dim=1).chunk(2)
         k1, k2 = self.encode_keys(views, m, progress.seed).chunk(2)  # [B, dim] each
+        # The global batch's keys are the dictionary: [world_size * B, dim] each, rank order.
+        q1, q2 = dist.all_gather_with_grad(q1), dist.all_gather_with_grad(q2)
+        k1, k2 = dist.all_gather_no_grad(k1), dist.all_gather_no_grad(k2)
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
         return loss, {"m": torch.tensor(m), **pair_similarities(q1.detach(), k2)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cltool import dist
 from cltool.losses import nt_xent, supcon
 from cltool.methods import Method, Progress
 from cltool.methods.parts import build_encoder, evaluation_network, pair_similarities
@@ -43,7 +44,10 @@ class SimCLR(Method):
         progress: Progress,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = self.encoder(torch.cat([view_q, view_k])).chunk(2)  # [N, dim] each
-        loss = self.contrastive_loss(z1, z2, labels.to(z1.device))
+        # Every rank computes the loss of the global batch (all ranks' views, rank order).
+        z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
+        labels = dist.all_gather_no_grad(labels.to(z1.device))
+        loss = self.contrastive_loss(z1, z2, labels)
         return loss, pair_similarities(z1.detach(), z2.detach())
 
 

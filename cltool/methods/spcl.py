@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sklearn.cluster import DBSCAN
 from torch import nn
 
+from cltool import dist
 from cltool.errors import CLToolError
 from cltool.evaluate import extract_features
 from cltool.memory import HybridMemory, momentum_update
@@ -164,8 +165,9 @@ class SpCL(Method):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        """Momentum-update the target instances' features and the source classes' centroids."""
-        f, indices, labels = self.pending
+        """Momentum-update the target instances' features and the source classes' centroids,
+        with all ranks' entries, so the ranks hold the same memory."""
+        f, indices, labels = (dist.all_gather_no_grad(t) for t in self.pending)
         is_source = indices < self.num_source
         self.memory.update(indices[~is_source] - self.num_source, f[~is_source])
         if is_source.any():

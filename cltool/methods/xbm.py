@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from cltool import dist
 from cltool.losses import circle_loss, contrastive_loss, lifted_structure_loss, triplet_loss
 from cltool.memory import CrossBatchMemory
 from cltool.methods import Progress
@@ -83,6 +84,7 @@ class XBM(MoCo):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        """Enqueue the batch after the loss read the memory (so no anchor meets its own copy)."""
+        """Enqueue the batch after the loss read the memory (so no anchor meets its own copy);
+        all ranks' entries in rank order, so the ranks hold the same memory."""
         embeddings, labels = self.pending
-        self.memory.enqueue(embeddings, labels)
+        self.memory.enqueue(dist.all_gather_no_grad(embeddings), dist.all_gather_no_grad(labels))

@@ -1,0 +1,215 @@
+"""Distributed training on CPU with gloo and two local processes: the cross-rank queue, the
+gathers with gradients, shuffle-BN and a whole ``cl run --nproc 2``.
+
+Each check runs in processes started by the same launcher ``cl run --nproc`` uses; a worker
+saves what it saw under ``tmp_path`` and the test compares the ranks there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MOCO, TINY
+from rich.console import Console
+
+from cltool import dist
+from cltool.display import Display
+from cltool.methods import Progress, build_method
+from cltool.recipe import load_recipe
+from cltool.track import DONE, RunDir
+from cltool.train import Trainer
+
+WORLD = 2
+
+#: Eight images per rank and step, four steps, no evaluation to speak of.
+SMALL = [
+    "train.epochs=1",
+    "train.batch_size=16",
+    "data.num_train=64",
+    "data.num_test=32",
+    "model.width=8",
+    "model.head_hidden=32",
+    "model.dim=16",
+    "K=256",
+    "eval.every_epochs=0",
+    "eval.linear=false",
+    "eval.baselines=false",
+    "train.threads=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that breaks fails within a minute instead of waiting on a collective."""
+    monkeypatch.setenv(dist.TIMEOUT_ENV, "60")
+
+
+def joined(target: Callable[..., None], *args: object) -> None:
+    """``target(*args)`` inside the process group, left cleanly afterwards."""
+    torch.set_num_threads(1)
+    dist.init_from_env(torch.device("cpu"))
+    try:
+        target(*args)
+    finally:
+        dist.shutdown()
+
+
+def moco_steps(folder: Path) -> None:
+    """A short MoCo run that records every step's keys and the final queue and parameters."""
+    recipe = load_recipe(MOCO, SMALL)
+    display = Display(Console(quiet=True), log_path=None, quiet=True)
+    trainer = Trainer(recipe, RunDir(folder / "run"), display, log=lambda record: None)
+    method, keys = trainer.method, []
+    end_step = method.end_step
+
+    def recording_end_step() -> None:
+        keys.append(method.pending_keys[0].clone())
+        end_step()
+
+    method.end_step = recording_end_step
+    (folder / "run").mkdir(exist_ok=True)
+    trainer.run()
+    torch.save(
+        {
+            "keys": keys,
+            "queue": method.queue.negatives().clone(),
+            "params": {k: v.detach().clone() for k, v in method.named_parameters()},
+        },
+        folder / f"rank{dist.rank()}.pt",
+    )
+
+
+def test_moco_queue_and_parameters_agree_across_ranks(tmp_path: Path) -> None:
+    dist.launch_local(WORLD, joined, moco_steps, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
+    steps = len(ranks[0]["keys"])
+    assert steps == 4
+    expected = torch.cat([ranks[r]["keys"][s] for s in range(steps) for r in range(WORLD)])
+    assert torch.equal(ranks[0]["queue"], expected)  # both ranks' keys, rank order, per step
+    assert not torch.equal(ranks[0]["keys"][0], ranks[1]["keys"][0])
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+def global_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two views [2B, 3, 16, 16] and labels with repeats (SupCon's positives), float64."""
+    generator = torch.Generator().manual_seed(0)
+    views = torch.randn(2, WORLD * batch, 3, 16, 16, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (WORLD * batch,), generator=generator)
+    return views[0], views[1], labels
+
+
+def loss_and_grads(method_name: str, folder: Path, batch: int) -> None:
+    """Loss and averaged gradients of one step, on this rank's block of the global batch (or on
+    all of it, out of a process group). BatchNorm runs on its running statistics (eval mode):
+    with batch statistics, two blocks of B are not one batch of 2B by design."""
+    torch.set_default_dtype(torch.float64)
+    overrides = ['key_encoder.kind="shared"', 'dictionary.kind="in_batch"']
+    recipe = load_recipe(MOCO, [*SMALL, f'method="{method_name}"', *overrides])
+    torch.manual_seed(0)
+    method = build_method(recipe, 3, 64, 3).eval()
+    model = method
+    if dist.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(method)
+    view_q, view_k, labels = (dist.own_rows(t) for t in global_batch(batch))
+    indices = dist.own_rows(torch.arange(WORLD * batch))
+    loss, _ = model(view_q, view_k, indices, labels, Progress(0, 0, 1, 0))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss.detach(), "grads": grads}, folder / f"rank{dist.rank()}.pt")
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "supcon"])
+def test_gathered_loss_equals_the_global_batch_loss(
+    method_name: str, tmp_path: Path, float64: None
+) -> None:
+    """2 processes x batch B give the loss and gradients of 1 process x batch 2B."""
+    batch = 4
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    loss_and_grads(method_name, tmp_path / "one", batch)
+    dist.launch_local(WORLD, joined, loss_and_grads, method_name, tmp_path / "two", batch)
+    reference = torch.load(tmp_path / "one" / "rank0.pt")
+    assert reference["grads"], "no gradient reached the encoder"
+    for r in range(WORLD):
+        ranked = torch.load(tmp_path / "two" / f"rank{r}.pt")
+        torch.testing.assert_close(ranked["loss"], reference["loss"], atol=1e-6, rtol=0)
+        assert ranked["grads"].keys() == reference["grads"].keys()
+        for name, grad in reference["grads"].items():
+            torch.testing.assert_close(ranked["grads"][name], grad, atol=1e-6, rtol=0)
+
+
+def shuffled_keys(folder: Path) -> None:
+    """MoCo's key forward through a key encoder that is one BatchNorm (momentum 1: its running
+    mean is the last batch's mean), on distinct rows per rank."""
+    recipe = load_recipe(MOCO, SMALL)
+    method = build_method(recipe, 3, 64, 3)
+    method.encoder_k = torch.nn.BatchNorm1d(5, momentum=1.0, affine=False)
+    generator = torch.Generator().manual_seed(1 + dist.rank())
+    rows = torch.randn(6, 5, generator=generator) + 10 * dist.rank()
+    keys = method.key_forward(rows, seed=123)
+    torch.save(
+        {"rows": rows, "keys": keys, "mean": method.encoder_k.running_mean.clone()},
+        folder / f"rank{dist.rank()}.pt",
+    )
+
+
+def test_shuffle_bn_normalises_a_permuted_batch_and_returns_keys_in_order(
+    tmp_path: Path,
+) -> None:
+    dist.launch_local(WORLD, joined, shuffled_keys, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    rows = torch.cat([saved["rows"] for saved in ranks])  # the global batch, rank order
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(123))
+    blocks = rows[order].chunk(WORLD)
+    normalised = torch.cat([F.batch_norm(b, None, None, training=True) for b in blocks])
+    expected = normalised[torch.argsort(order)].chunk(WORLD)
+    for r, saved in enumerate(ranks):
+        torch.testing.assert_close(saved["mean"], blocks[r].mean(0))  # stats of the permuted block
+        assert not torch.allclose(saved["mean"], saved["rows"].mean(0))  # not of its own rows
+        torch.testing.assert_close(saved["keys"], expected[r])  # each key of its own row
+
+
+def cl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cltool", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def test_cl_run_nproc_2_writes_one_summary_with_world_size_2(tmp_path: Path) -> None:
+    overrides = [a for s in [*TINY, "train.threads=1"] for a in ("--set", s)]
+    result = cl("run", str(MOCO), "--nproc", "2", "--out", "runs", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dirs = list((tmp_path / "runs" / "moco").iterdir())
+    assert len(run_dirs) == 1
+    run_dir = RunDir(run_dirs[0])
+    summary = json.loads(run_dir.summary_file.read_text())
+    assert summary["world_size"] == 2 and summary["epochs_done"] == 1
+    assert run_dir.state()["status"] == DONE
+    records = run_dir.records()
+    assert [r["kind"] for r in records].count("eval") == 1  # evaluated once, by rank 0
+    assert [r["kind"] for r in records].count("epoch") == 1
+    assert result.stdout.count("kNN top-1, trained encoder") == 1
+
+
+def test_batch_not_divisible_by_the_world_size_is_a_recipe_error(tmp_path: Path) -> None:
+    overrides = [a for s in [*TINY, "train.batch_size=63"] for a in ("--set", s)]
+    result = cl("run", str(MOCO), "--nproc", "2", "--out", "runs", *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.batch_size = 63" in result.stderr and "world size 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
