@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -27,3 +30,15 @@ def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
     """``rows`` random unit vectors of ``dim`` dimensions, reproducible from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
+
+
+def run_cl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``cl ARGS`` in a subprocess, as a user runs it: no colour, wide lines, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "cltool", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cltool", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"NO_COLOR": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    return run_cl(*args, cwd=cwd, timeout=120)
 
 
 def test_version_and_help(tmp_path: Path) -> None:

@@ -8,16 +8,14 @@ saves what it saw under ``tmp_path`` and the test compares the ranks there.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MOCO, TINY
+from helpers import MOCO, TINY, run_cl
 from rich.console import Console
 
 from cltool import dist
@@ -180,14 +178,7 @@ def test_shuffle_bn_normalises_a_permuted_batch_and_returns_keys_in_order(
 
 
 def cl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cltool", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
+    return run_cl(*args, cwd=cwd, timeout=300)
 
 
 def test_cl_run_nproc_2_writes_one_summary_with_world_size_2(tmp_path: Path) -> None:

@@ -62,9 +62,15 @@ class MoCo(Method):
         generator = torch.Generator(device=q.device).manual_seed(progress.seed)
         return mochi_negatives(q, negatives, mixing.N, mixing.s, mixing.s_prime, generator)
 
-    def encode_queries(self, view_q: torch.Tensor) -> torch.Tensor:
+    def bn_groups(self, batch: int) -> int:
+        """BatchNorm groups for a batch: ``model.bn_splits``, or 1 when a group would hold
+        fewer than 2 images."""
         splits = self.recipe.model.bn_splits
-        if splits <= 1 or len(view_q) < 2 * splits:
+        return 1 if batch < 2 * splits else splits
+
+    def encode_queries(self, view_q: torch.Tensor) -> torch.Tensor:
+        splits = self.bn_groups(len(view_q))
+        if splits == 1:
             return self.encoder_q(view_q)
         return torch.cat([self.encoder_q(chunk) for chunk in view_q.chunk(splits)])
 
@@ -85,8 +91,8 @@ class MoCo(Method):
             # each rank gets back the keys of its own images, in their order.
             shuffled, order = dist.shuffle_across_ranks(view_k, seed)
             return dist.unshuffle(self.encoder_k(shuffled), order)
-        splits = self.recipe.model.bn_splits
-        if splits <= 1 or len(view_k) < 2 * splits:
+        splits = self.bn_groups(len(view_k))
+        if splits == 1:
             return self.encoder_k(view_k)
         # Shuffle-BN on one device: the keys' BatchNorm groups hold other images than their
         # queries' groups, so batch statistics cannot tell the positive from the queue.
