@@ -7,7 +7,6 @@ failed run, 130 for an interrupted one), never as a traceback.
 from __future__ import annotations
 
 import functools
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -69,25 +68,8 @@ def main(
     """Run, sweep and compare contrastive-learning experiments from TOML recipes."""
 
 
-class StopFlag:
-    """Set by the first Ctrl-C or SIGTERM; the trainer checkpoints at the next step and stops.
-    A second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        error_console.print("stopping after this step (Ctrl-C again to abort now)")
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+def announce_stop() -> None:
+    error_console.print("stopping after this step (Ctrl-C again to abort now)")
 
 
 def summary_table(title: str, summary: dict[str, Any]) -> Table:
@@ -204,9 +186,9 @@ def run(
 def run_stoppable(recipe: Recipe, out: Path, *, force: bool, quiet: bool) -> RunOutcome:
     """One process, stopped cleanly by the first Ctrl-C or SIGTERM."""
     from cltool.run import run_recipe
+    from cltool.signals import StopFlag
 
-    stop = StopFlag()
-    stop.install()
+    stop = StopFlag(announce_stop).install()
     return run_recipe(recipe, out, force=force, quiet=quiet, console=console, should_stop=stop)
 
 
@@ -238,9 +220,11 @@ def run_local_ranks(
     from cltool.recipe import check_world_size
     from cltool.run import Interrupted, RunOutcome, run_rank
     from cltool.track import DONE, RunDir
+    from cltool.train import check_sync_bn, resolve_device
 
     check_world_size(recipe, nproc)
-    launch_local(nproc, run_rank, recipe, out, force, quiet)
+    check_sync_bn(recipe, nproc, resolve_device(recipe.train.device))
+    launch_local(nproc, run_rank, recipe, out, force, quiet, announce_stop=announce_stop)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
     if not run_dir.is_done():
         raise Interrupted

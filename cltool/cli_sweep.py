@@ -170,10 +170,10 @@ def sweep_command(
         if jobs > 1:
             results = launch.run_parallel(sweep, todo, out, jobs, console)
         else:
-            from cltool.cli import StopFlag
+            from cltool.cli import announce_stop
+            from cltool.signals import StopFlag
 
-            stop = StopFlag()
-            stop.install()
+            stop = StopFlag(announce_stop).install()
             results = launch.run_serial(sweep, todo, out, console, should_stop=stop)
         failed = [run_id for run_id, status in results.items() if status != "done"]
         if failed:

@@ -15,7 +15,10 @@ the same class (false negatives) or the query's own earlier key.
 
 Replays run in train mode (the BatchNorm statistics of a replayed batch are those the step
 used) without gradient, and every BatchNorm running statistic is restored afterwards, so
-turning diagnostics on changes nothing in training or evaluation.
+turning diagnostics on changes nothing in training or evaluation. Under torch.distributed every
+rank replays its own block of each step, as it trained on it (its images, its augmentation
+seed, the shuffle-BN collective), and the results are gathered in rank order, the queue's
+order, so every rank computes the same numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cltool import dist
 from cltool.methods.moco import MoCo
 
 if TYPE_CHECKING:
@@ -76,7 +80,11 @@ def queued_batches(trainer: Trainer, queue_filled: int, ptr: int, K: int) -> lis
         global_step -= 1
         epoch, step = divmod(global_step, trainer.steps_per_epoch)
         indices = batches_of_epoch(
-            len(trainer.data.train_x), recipe.train.batch_size, recipe.train.seed, epoch
+            len(trainer.data.train_x),
+            recipe.train.batch_size,
+            recipe.train.seed,
+            epoch,
+            trainer.world_size,
         )[step]
         held += len(indices)
         if held > queue_filled:
@@ -88,22 +96,25 @@ def queued_batches(trainer: Trainer, queue_filled: int, ptr: int, K: int) -> lis
 
 
 def replay_views(trainer: Trainer, batch: QueuedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two augmented views [B, C, H, W] the step made, rebuilt from its seed."""
-    from cltool.train import step_seed
+    """The two augmented views [b, C, H, W] the step made of this rank's block, from its seed."""
+    from cltool.train import rank_seed, step_seed
 
     seed = step_seed(trainer.recipe.train.seed, batch.epoch, batch.step)
-    images = trainer.data.train_x[batch.indices].to(trainer.device)
-    return trainer.augment(images, torch.Generator().manual_seed(seed))
+    images = trainer.data.train_x[dist.own_rows(batch.indices)].to(trainer.device)
+    return trainer.augment(images, torch.Generator().manual_seed(rank_seed(seed, trainer.rank)))
 
 
 def replay_keys(trainer: Trainer, method: MoCo, batch: QueuedBatch) -> torch.Tensor:
-    """Keys [B, dim] of a past step's images, by the key encoder as it is now."""
+    """Keys [B, dim] of a past step's images (all ranks'), by the key encoder as it is now."""
     from cltool.train import step_seed
 
     _, view_k = replay_views(trainer, batch)
     if not method.momentum_keys:
-        return method.encoder_q(view_k)
-    return method.key_forward(view_k, step_seed(trainer.recipe.train.seed, batch.epoch, batch.step))
+        keys = method.encoder_q(view_k)
+    else:
+        seed = step_seed(trainer.recipe.train.seed, batch.epoch, batch.step)
+        keys = method.key_forward(view_k, seed)
+    return dist.all_gather_no_grad(keys)
 
 
 def consistency(trainer: Trainer, method: MoCo, batches: list[QueuedBatch]) -> dict[str, float]:
@@ -125,7 +136,7 @@ def hardness(trainer: Trainer, method: MoCo, newest: QueuedBatch) -> dict[str, f
     """Negative hardness of the last step's queries against the queue that step saw."""
     queue = method.queue
     view_q, _ = replay_views(trainer, newest)
-    q = method.encode_queries(view_q)  # [B, dim]
+    q = dist.all_gather_no_grad(method.encode_queries(view_q))  # [B, dim]
     k = queue.keys[newest.slots]  # [B, dim]: the step's own keys
     seen = torch.ones(int(queue.filled), dtype=torch.bool, device=q.device)
     seen[newest.slots] = False  # enqueued after the step's loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from cltool.errors import CLToolError
+from cltool.signals import ForwardToRanks
 
 #: Seconds a collective may wait for the other ranks; it also bounds how long the other ranks
 #: wait at a barrier while rank 0 evaluates, hence the generous default.
@@ -174,18 +176,44 @@ def _worker(
     target(*args)
 
 
-def launch_local(nproc: int, target: Callable[..., None], *args: Any) -> None:
+def launch_local(
+    nproc: int,
+    target: Callable[..., None],
+    *args: Any,
+    announce_stop: Callable[[], None] | None = None,
+) -> None:
     """Run ``target(*args)`` in ``nproc`` processes on this machine, wired for
-    :func:`init_from_env`. A rank that raises or dies ends all of them with a CLToolError."""
+    :func:`init_from_env`.
+
+    A stop signal to this process goes on to the ranks (:mod:`cltool.signals`), which stop
+    together at the next step. A rank that raises or dies ends all of them with a CLToolError,
+    unless a stop was asked for: a rank caught by Ctrl-C before its handler was installed is
+    part of the stop, not a failure.
+    """
     import torch.multiprocessing as mp
 
+    context = mp.start_processes(
+        _worker,
+        args=(nproc, free_port(), target, args),
+        nprocs=nproc,
+        join=False,
+        start_method="spawn",
+    )
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    forward = ForwardToRanks(context.pids(), announce_stop).install()
     try:
-        mp.spawn(_worker, args=(nproc, free_port(), target, args), nprocs=nproc, join=True)
+        while not context.join(timeout=0.5):
+            pass
     except mp.ProcessRaisedException as err:
-        last = str(err).strip().splitlines()[-1]
-        raise CLToolError(f"rank {err.error_index} of {nproc} failed: {last}") from None
+        if not forward.flag.requested:
+            last = str(err).strip().splitlines()[-1]
+            raise CLToolError(f"rank {err.error_index} of {nproc} failed: {last}") from None
     except mp.ProcessExitedException as err:
-        raise CLToolError(
-            f"rank {err.error_index} of {nproc} died (exit code {err.exit_code}); "
-            "the other ranks were stopped"
-        ) from None
+        if not forward.flag.requested:
+            raise CLToolError(
+                f"rank {err.error_index} of {nproc} died (exit code {err.exit_code}); "
+                "the other ranks were stopped"
+            ) from None
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])

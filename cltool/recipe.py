@@ -118,6 +118,7 @@ class ModelConfig:
     head_bn: bool = knob(True, doc="BatchNorm in the MLP head, centred output (as MoCo v3)")
     dim: int = knob(128, AT_LEAST_1, "embedding dimension")
     bn_splits: int = knob(1, AT_LEAST_1, "BatchNorm groups per batch (shuffle-BN on one device)")
+    sync_bn: bool = knob(False, doc="SyncBatchNorm: BN statistics over all ranks (GPU runs)")
     head_layers: int = knob(2, Bound(2), "linear layers of the MLP head (SimCLR v2: 3)")
     eval_head_layers: int = knob(
         0, AT_LEAST_0, "hidden head layers kept on the backbone for evaluation (SimCLR v2: 1)"
@@ -167,7 +168,12 @@ class MixingConfig:
 
 @dataclass(frozen=True)
 class SpclConfig:
-    eps: float = knob(0.3, POSITIVE, "DBSCAN radius in cosine distance")
+    distance: Literal["jaccard", "cosine"] = knob(
+        "jaccard", doc="clustering distance: k-reciprocal Jaccard (the paper's) or cosine"
+    )
+    k1: int = knob(30, AT_LEAST_1, "k-reciprocal neighbourhood size of the Jaccard distance")
+    k2: int = knob(6, AT_LEAST_1, "query-expansion neighbours of the Jaccard distance (1: none)")
+    eps: float = knob(0.6, POSITIVE, "DBSCAN radius in the clustering distance")
     eps_delta: float = knob(0.02, Bound(0), "radius change of the reliability clusterings")
     min_samples: int = knob(4, AT_LEAST_1, "DBSCAN core-point neighbourhood size")
     reliability: bool = knob(True, doc="keep only independent and compact cluster members")

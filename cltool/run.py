@@ -23,6 +23,7 @@ from cltool import dist
 from cltool.display import Display
 from cltool.errors import CLToolError
 from cltool.recipe import Recipe, to_toml
+from cltool.signals import StopFlag
 from cltool.track import (
     DONE,
     FAILED,
@@ -201,15 +202,16 @@ def _run_other_rank(recipe: Recipe, run_dir: RunDir, should_stop: Callable[[], b
     dist.barrier()  # rank 0 has prepared the folder
     try:
         trainer.run()
-    except StopRequested:
+    except (StopRequested, KeyboardInterrupt):
         raise Interrupted from None
     return RunOutcome(run_dir, None, DONE)
 
 
 def run_rank(recipe: Recipe, out: Path, force: bool, quiet: bool) -> None:
-    """One process of ``cl run --nproc N``: the run, then leave the process group."""
+    """One process of ``cl run --nproc N``: the run, stopped with the others by Ctrl-C or
+    SIGTERM at a step boundary, then leave the process group."""
     try:
-        run_recipe(recipe, out, force=force, quiet=quiet)
+        run_recipe(recipe, out, force=force, quiet=quiet, should_stop=StopFlag().install())
     except Interrupted:
         pass
     finally:

@@ -21,7 +21,7 @@ from cltool import diagnostics, dist, evaluate
 from cltool.augment import TwoViewAugment, normalize
 from cltool.data import ImageSet, load_dataset
 from cltool.display import Display
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, RecipeError
 from cltool.methods import Progress, build_method
 from cltool.recipe import Recipe, check_world_size
 from cltool.track import RunDir, atomic_write_bytes
@@ -60,6 +60,17 @@ def learning_rate(recipe: Recipe, global_step: int, steps_per_epoch: int) -> flo
         return optim.lr
     progress = (global_step - warmup) / max(1, total - warmup)
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_sync_bn(recipe: Recipe, world_size: int, device: torch.device) -> None:
+    """``model.sync_bn`` across several ranks needs GPUs: torch's SyncBatchNorm refuses CPU
+    tensors once a process group is up (with one rank it is plain BatchNorm)."""
+    if recipe.model.sync_bn and world_size > 1 and device.type != "cuda":
+        raise RecipeError(
+            f"model.sync_bn = true: SyncBatchNorm synchronises GPU tensors only, and this run of "
+            f"{world_size} ranks is on {device.type}; set model.sync_bn = false (model.bn_splits "
+            "gives MoCo's shuffle-BN benefit without GPUs)"
+        )
 
 
 def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -126,6 +137,7 @@ class Trainer:
             check_world_size(recipe, self.world_size)
             if self.device.type == "cuda":  # init_from_env picked this rank's GPU
                 self.device = torch.device("cuda", torch.cuda.current_device())
+            check_sync_bn(recipe, self.world_size, self.device)
         self.data: ImageSet = load_dataset(recipe.data)
         channels = self.data.train_x.shape[1]
         self.augment = TwoViewAugment(
@@ -138,6 +150,8 @@ class Trainer:
         # DDP averages the gradients over ranks; the method's forward is its training_loss.
         self.model: torch.nn.Module = self.method
         if self.world_size > 1:
+            if recipe.model.sync_bn:
+                self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = torch.nn.parallel.DistributedDataParallel(self.method)
         trainable = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(recipe, trainable)
@@ -328,7 +342,7 @@ class Trainer:
         if state.step_in_epoch == 0:  # a resume inside the epoch finds the hook's work done
             self.method.on_epoch_start(epoch, self)
         for step in range(state.step_in_epoch, len(batches)):
-            indices = batches[step].chunk(self.world_size)[self.rank]
+            indices = dist.own_rows(batches[step])  # this rank's block of the global batch
             x, y = self.data.train_x[indices], self.data.train_y[indices]
             logs = self.train_step(x, indices, y, epoch, step)
             self.epoch_loss += logs["loss"]
@@ -366,9 +380,7 @@ class Trainer:
         self.log(record)
         self.display.epoch_end(epoch, recipe.train.epochs, record)
         every_diag = recipe.eval.diagnostics_every_epochs
-        # The replay of the queue's keys is single-process code: its key forward would be
-        # a collective on rank 0 alone.
-        measure = every_diag and (epoch + 1) % every_diag == 0 and self.world_size == 1
+        measure = every_diag and (epoch + 1) % every_diag == 0  # every rank: replays gather
         diag = diagnostics.measure(self) if measure else {}
         if diag:
             self.log({"kind": "diag", "epoch": epoch, "global_step": state.global_step, **diag})

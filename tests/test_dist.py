@@ -8,7 +8,11 @@ saves what it saw under ``tmp_path`` and the test compares the ranks there.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from helpers import MOCO, TINY, run_cl
 from rich.console import Console
 
-from cltool import dist
+from cltool import diagnostics, dist
 from cltool.display import Display
 from cltool.methods import Progress, build_method
 from cltool.recipe import load_recipe
@@ -96,6 +100,38 @@ def test_moco_queue_and_parameters_agree_across_ranks(tmp_path: Path) -> None:
     assert not torch.equal(ranks[0]["keys"][0], ranks[1]["keys"][0])
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+def replayed_diagnostics(folder: Path) -> None:
+    """After a short MoCo run: the newest queued step replayed through the unchanged key encoder,
+    and the full diagnostics, as this rank computes them."""
+    recipe = load_recipe(MOCO, SMALL)
+    display = Display(Console(quiet=True), log_path=None, quiet=True)
+    trainer = Trainer(recipe, RunDir(folder / "run"), display, log=lambda record: None)
+    (folder / "run").mkdir(exist_ok=True)
+    trainer.run()
+    queue = trainer.method.queue
+    filled, ptr = int(queue.filled), int(queue.ptr)
+    batches = diagnostics.queued_batches(trainer, filled, ptr, len(queue.keys))
+    with torch.no_grad(), diagnostics.batchnorm_stats_kept(trainer.method):
+        replayed = diagnostics.replay_keys(trainer, trainer.method, batches[0])
+        measured = diagnostics.measure(trainer)
+    stored = queue.keys[batches[0].slots]
+    torch.save({"stored": stored, "replayed": replayed, "measured": measured},
+               folder / f"rank{dist.rank()}.pt")  # fmt: skip
+
+
+def test_diagnostics_replay_each_ranks_block_as_it_trained(tmp_path: Path) -> None:
+    """The last step's keys, re-encoded by the key encoder that made them (it has not moved
+    since), come back equal to the queue's: the right images, augmentation seeds and shuffle,
+    on every rank; both ranks report the same diagnostics."""
+    dist.launch_local(WORLD, joined, replayed_diagnostics, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for saved in ranks:
+        assert saved["replayed"].shape == saved["stored"].shape == (16, 16)
+        torch.testing.assert_close(saved["replayed"], saved["stored"], atol=1e-5, rtol=0)
+    assert ranks[0]["measured"] == ranks[1]["measured"]
+    assert ranks[0]["measured"]["consistency"] > 0.9
 
 
 def global_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,3 +240,58 @@ def test_batch_not_divisible_by_the_world_size_is_a_recipe_error(tmp_path: Path)
     assert "train.batch_size = 63" in result.stderr and "world size 2" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("target", ["launcher", "process group"])
+def test_ctrl_c_under_nproc_stops_every_rank_at_a_checkpoint_and_exits_130(
+    target: str, tmp_path: Path
+) -> None:
+    """The terminal's Ctrl-C reaches the whole process group; ``kill -INT`` only the launcher,
+    which passes it on. Either way: one clean stop, no "rank failed", exit code 130."""
+    overrides = [*TINY, "train.threads=1", "epochs=50", "train.log_every_steps=1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cltool", "run", str(MOCO), "--nproc", "2", "--out", "runs"]
+        + [a for s in overrides for a in ("--set", s)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+        start_new_session=True,  # its own process group, as a terminal gives a foreground job
+    )
+    run_dir = RunDir.for_run(tmp_path / "runs", "moco", load_recipe(MOCO, overrides).fingerprint)
+    deadline = time.monotonic() + 120
+    while not run_dir.metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if target == "launcher":
+        process.send_signal(signal.SIGINT)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "failed" not in stderr and "Traceback" not in stderr
+    assert "stopping after this step" in stderr
+    assert run_dir.state()["status"] == "interrupted"
+    assert run_dir.checkpoint.exists()
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    overrides = [a for s in [*TINY, "model.sync_bn=true"] for a in ("--set", s)]
+    result = cl("run", str(MOCO), "--nproc", "2", "--out", "runs", *overrides, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "model.sync_bn = true" in result.stderr and "set model.sync_bn = false" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, SyncBN)")
+def test_sync_bn_run_on_two_gpus_trains_to_the_end(tmp_path: Path) -> None:
+    overrides = [*TINY, "model.sync_bn=true", 'train.device="cuda"']
+    result = cl(
+        "run", str(MOCO), "--nproc", "2", "--out", "runs",
+        *[a for s in overrides for a in ("--set", s)], cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs" / "moco").iterdir()
+    summary = json.loads(RunDir(run_dir).summary_file.read_text())
+    assert summary["world_size"] == 2 and summary["device"].startswith("cuda")

@@ -11,8 +11,9 @@ source domain here is the first ``spcl.source_labelled`` training images with th
 semi-supervised split of one domain rather than a second domain); 0 runs SpCL's unsupervised
 setting. Source class centroids follow their batch means with the memory's momentum.
 
-Distances are cosine distances between memory features (the paper uses the Jaccard distance of
-k-reciprocal neighbours, a re-identification refinement left out here).
+Distances are the paper's k-reciprocal Jaccard distances between memory features
+(:mod:`cltool.kreciprocal`), or plain cosine distances as an option; with cosine distances
+DBSCAN chains the glyphs' memory into one cluster within two epochs and the encoder collapses.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 
 from cltool import dist
 from cltool.errors import CLToolError
-from cltool.evaluate import extract_features
+from cltool.evaluate import extract_features, reestimate_batchnorm
+from cltool.kreciprocal import jaccard_distance
 from cltool.memory import HybridMemory, momentum_update
 from cltool.methods import Method, Progress
 from cltool.methods.parts import build_encoder, evaluation_network
@@ -73,7 +75,10 @@ def reliable_clusters(
     clustering's values, as SpCL fixes them at its first epoch.
     """
     x = features.double().cpu()
-    distances = (1 - x @ x.T).clamp_min(0).numpy()  # cosine distance [n, n]
+    if cfg.distance == "jaccard":
+        distances = jaccard_distance(x, cfg.k1, cfg.k2)
+    else:
+        distances = (1 - x @ x.T).clamp_min(0).numpy()
     labels = dbscan(distances, cfg.eps, cfg.min_samples)
     if not cfg.reliability or (labels < 0).all():
         return labels
@@ -118,7 +123,14 @@ class SpCL(Method):
     @torch.no_grad()
     def initialise(self, trainer: Trainer) -> None:
         """Fill the memory and the source centroids with the encoder's features of every
-        training image, as SpCL starts from the (pre-trained) encoder's features."""
+        training image, as SpCL starts from the (pre-trained) encoder's features.
+
+        BatchNorm statistics are re-estimated on the training images first: a fresh encoder's
+        running statistics (mean 0, variance 1) map every image to nearly the same feature
+        (mean cosine distance ~0.03), DBSCAN then puts all of them in one cluster, and the loss
+        collapses the encoder onto it.
+        """
+        reestimate_batchnorm(self.encoder, trainer.data.train_x, trainer.preprocess, trainer.device)
         features = extract_features(
             self.encoder, trainer.data.train_x, trainer.preprocess, trainer.device
         ).to(self.memory.features.device)  # [n, dim]
@@ -148,11 +160,10 @@ class SpCL(Method):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         indices, labels = indices.to(view_q.device), labels.to(view_q.device)
         f = self.encoder(view_q)  # [B, dim], one view per image
-        classes = torch.cat([self.source_centroids, self.memory.centroids()])  # [S + C + O, dim]
-        is_source = indices < self.num_source  # [B]
-        target_classes = self.memory.class_targets((indices - self.num_source).clamp_min(0))
-        targets = torch.where(is_source, labels, target_classes + len(self.source_centroids))
-        logits = f @ classes.T  # [B, S + C + O]
+        logits, targets = self.memory.hybrid_logits(  # [B, S + C + O], [B]
+            f, (indices - self.num_source).clamp_min(0), self.source_centroids
+        )
+        targets = torch.where(indices < self.num_source, labels, targets)  # source: its class
         loss = F.cross_entropy(logits / self.T, targets)
         self.pending = (f.detach(), indices, labels)
         logs = {
