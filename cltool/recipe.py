@@ -495,6 +495,13 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
             f"{model.head_layers - 2} hidden head layers that precede the final MLP: raise "
             "model.head_layers or lower model.eval_head_layers"
         )
+    spcl = recipe.spcl
+    if spcl.distance == "jaccard" and spcl.eps + spcl.eps_delta >= 1:
+        raise RecipeError(
+            f"{source}: spcl.eps = {spcl.eps} (+ eps_delta {spcl.eps_delta}) reaches 1, the "
+            "Jaccard distance of images that share no neighbour, so DBSCAN would join them all: "
+            "keep spcl.eps + spcl.eps_delta below 1 (the paper: 0.6)"
+        )
 
 
 def check_world_size(recipe: Recipe, world_size: int) -> None:

@@ -495,3 +495,41 @@ def test_ref_needs_both_parts() -> None:
     emb, labels = batch(0)
     with pytest.raises(ValueError):
         contrastive_loss(emb, labels, 1.0, ref_emb=emb)
+
+
+def cube_triplet(
+    emb: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
+    margin: float, mining: str,
+) -> torch.Tensor:  # fmt: skip
+    """Every (a, p, n) triplet materialised as a [B, M, M] cube: the direct autograd reference."""
+    cand, cand_labels = torch.cat([emb, ref]), torch.cat([labels, ref_labels])
+    d = torch.cdist(emb, cand)  # [B, M]
+    same = labels[:, None] == cand_labels[None, :]
+    positive = same & ~torch.eye(*same.shape, dtype=torch.bool)
+    d_ap, d_an = d[:, :, None], d[:, None, :]
+    if mining == "all":
+        return F.relu(d_ap - d_an + margin)[positive[:, :, None] & ~same[:, None, :]].mean()
+    band = ~same[:, None, :] & (d_an > d_ap) & (d_an < d_ap + margin)
+    nearest = d_an.expand_as(band).masked_fill(~band, math.inf).amin(dim=2)
+    return (d - nearest + margin)[positive & band.any(dim=2)].mean()
+
+
+@pytest.mark.parametrize("mining", ["all", "semihard"])
+def test_triplet_without_the_cube_has_the_cubes_value_and_gradient(mining: str) -> None:
+    emb, labels = batch(10, size=12, dim=6)
+    ref, ref_labels = batch(11, size=40, dim=6)
+    emb.requires_grad_(True)
+    expected = cube_triplet(emb, labels, ref, ref_labels, 0.8, mining)
+    (expected_grad,) = torch.autograd.grad(expected, emb)
+    got = triplet_loss(emb, labels, 0.8, mining, ref, ref_labels)
+    (grad,) = torch.autograd.grad(got, emb)
+    assert got.item() == pytest.approx(expected.item(), abs=TOL)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=0)
+
+
+def test_triplet_over_a_large_memory_stays_small() -> None:
+    """B = 512 anchors against M = 4096 candidates: the cube would be 8.6e9 triplets (69 GB)."""
+    emb, labels = batch(12, size=512, classes=10, dim=16)
+    ref, ref_labels = batch(13, size=3584, classes=10, dim=16)
+    for mining in ("all", "semihard"):
+        assert torch.isfinite(triplet_loss(emb, labels, 0.2, mining, ref, ref_labels))

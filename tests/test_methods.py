@@ -149,6 +149,7 @@ def test_simclr_v2_evaluates_on_the_first_head_layer() -> None:
         (['method="xbm"', 'dictionary.kind="cross_batch"'], "needs loss.kind"),
         (["model.eval_head_layers=1"], "model.eval_head_layers"),
         (['method="instdisc"', "mixing.enabled=true"], "mixing.enabled"),
+        (["spcl.eps=0.99"], "spcl.eps = 0.99"),
     ],
 )
 def test_slots_a_method_cannot_use_are_refused(overrides: list[str], message: str) -> None:
