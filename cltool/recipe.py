@@ -204,6 +204,10 @@ class TrainConfig:
     threads: int = knob(0, AT_LEAST_0, "CPU threads for torch (0: its default)")
     checkpoint_every_steps: int = knob(0, AT_LEAST_0, "0: at the end of every epoch only")
     log_every_steps: int = knob(10, AT_LEAST_1, "steps between metric lines")
+    precision: Literal["fp32", "bf16"] = knob(
+        "fp32", doc="bf16: encoder passes under bfloat16 autocast (losses, memories in fp32)"
+    )
+    channels_last: bool = knob(False, doc="NHWC memory format for encoders and views (GPUs)")
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,8 @@ class Trainer:
         self.method = build_method(
             recipe, channels, len(self.data.train_x), self.data.num_classes
         ).to(self.device)
+        if recipe.train.channels_last:
+            self.method.to(memory_format=torch.channels_last)
         # DDP averages the gradients over ranks; the method's forward is its training_loss.
         self.model: torch.nn.Module = self.method
         if self.world_size > 1:
@@ -270,16 +272,28 @@ class Trainer:
         seed = step_seed(recipe.train.seed, epoch, step)
         generator = torch.Generator().manual_seed(rank_seed(seed, self.rank))
         view_q, view_k = self.augment(images.to(self.device, non_blocking=True), generator)
+        if recipe.train.channels_last:
+            view_q = view_q.contiguous(memory_format=torch.channels_last)
+            view_k = view_k.contiguous(memory_format=torch.channels_last)
         lr = learning_rate(recipe, self.state.global_step, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         progress = Progress(epoch, self.state.global_step, self.total_steps, seed)
-        loss, logs = self.model(view_q, view_k, indices, labels, progress)
+        with self.autocast():
+            loss, logs = self.model(view_q, view_k, indices, labels, progress)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.method.end_step()
         return {"loss": loss.detach(), "lr": torch.tensor(lr), **logs}
+
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast of the step's forward under ``train.precision = "bf16"``: matrix
+        products and convolutions in bf16, reductions and losses in fp32 (torch's autocast
+        lists), memories and parameters kept in fp32. No loss scaling: bf16 has fp32's range."""
+        return torch.autocast(
+            self.device.type, torch.bfloat16, enabled=self.recipe.train.precision == "bf16"
+        )
 
     def elapsed(self) -> float:
         """Training wall time over all processes of this run, checkpoints included."""

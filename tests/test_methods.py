@@ -185,3 +185,27 @@ def test_reliable_clusters_find_blobs_and_fix_thresholds_once() -> None:
         points[torch.randperm(64, generator=generator)], SpclConfig(distance="cosine"), thresholds
     )
     assert torch.equal(thresholds, fixed)
+
+
+#: The GPU speed options, run on the CPU: bfloat16 autocast and NHWC tensors.
+FAST = ['train.precision="bf16"', "train.channels_last=true"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_trains_under_bf16_autocast_and_channels_last(
+    name: str, tmp_path: Path
+) -> None:
+    outcome = run(name, [*TINY, *FAST], tmp_path)
+    assert outcome.status == DONE
+    steps = [r for r in outcome.run_dir.records() if r["kind"] == "step"]
+    assert steps and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_bf16_changes_the_loss_only_by_rounding(tmp_path: Path) -> None:
+    """The first step's loss under autocast differs from fp32 (bf16 really ran) by little."""
+    first = {}
+    for label, extra in (("fp32", []), ("bf16", FAST)):
+        outcome = run("moco_v1", [*TINY, *extra], tmp_path / label)
+        first[label] = next(r["loss"] for r in outcome.run_dir.records() if r["kind"] == "step")
+    assert first["bf16"] != first["fp32"]
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.02)

@@ -165,7 +165,7 @@ class SpCL(Method):
         )
         targets = torch.where(indices < self.num_source, labels, targets)  # source: its class
         loss = F.cross_entropy(logits / self.T, targets)
-        self.pending = (f.detach(), indices, labels)
+        self.pending = (f.detach().to(self.memory.features.dtype), indices, labels)  # bf16 -> fp32
         logs = {
             "clusters": self.memory.num_clusters.clone(),
             "outliers": (self.memory.cluster_labels < 0).sum(),
