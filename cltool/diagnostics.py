@@ -96,12 +96,9 @@ def queued_batches(trainer: Trainer, queue_filled: int, ptr: int, K: int) -> lis
 
 
 def replay_views(trainer: Trainer, batch: QueuedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two augmented views [b, C, H, W] the step made of this rank's block, from its seed."""
-    from cltool.train import rank_seed, step_seed
-
-    seed = step_seed(trainer.recipe.train.seed, batch.epoch, batch.step)
-    images = trainer.data.train_x[dist.own_rows(batch.indices)].to(trainer.device)
-    return trainer.augment(images, torch.Generator().manual_seed(rank_seed(seed, trainer.rank)))
+    """The two augmented views [b, C, H, W] the step made of this rank's block."""
+    images = trainer.data.train_x[dist.own_rows(batch.indices)]
+    return trainer.step_views(images, batch.epoch, batch.step)
 
 
 def replay_keys(trainer: Trainer, method: MoCo, batch: QueuedBatch) -> torch.Tensor:

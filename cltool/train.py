@@ -270,11 +270,7 @@ class Trainer:
     ) -> dict[str, torch.Tensor]:
         recipe = self.recipe
         seed = step_seed(recipe.train.seed, epoch, step)
-        generator = torch.Generator().manual_seed(rank_seed(seed, self.rank))
-        view_q, view_k = self.augment(images.to(self.device, non_blocking=True), generator)
-        if recipe.train.channels_last:
-            view_q = view_q.contiguous(memory_format=torch.channels_last)
-            view_k = view_k.contiguous(memory_format=torch.channels_last)
+        view_q, view_k = self.step_views(images, epoch, step)
         lr = learning_rate(recipe, self.state.global_step, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -286,6 +282,19 @@ class Trainer:
         self.optimizer.step()
         self.method.end_step()
         return {"loss": loss.detach(), "lr": torch.tensor(lr), **logs}
+
+    def step_views(
+        self, images: torch.Tensor, epoch: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of this rank's uint8 ``images`` at (``epoch``, ``step``), drawn from the
+        step's seed: what the step trains on, and what diagnostics rebuild when they replay it."""
+        seed = rank_seed(step_seed(self.recipe.train.seed, epoch, step), self.rank)
+        views = self.augment(
+            images.to(self.device, non_blocking=True), torch.Generator().manual_seed(seed)
+        )
+        if self.recipe.train.channels_last:
+            return tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
+        return views
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast of the step's forward under ``train.precision = "bf16"``: matrix
@@ -395,7 +404,8 @@ class Trainer:
         self.display.epoch_end(epoch, recipe.train.epochs, record)
         every_diag = recipe.eval.diagnostics_every_epochs
         measure = every_diag and (epoch + 1) % every_diag == 0  # every rank: replays gather
-        diag = diagnostics.measure(self) if measure else {}
+        with self.autocast():  # replays run as the steps ran
+            diag = diagnostics.measure(self) if measure else {}
         if diag:
             self.log({"kind": "diag", "epoch": epoch, "global_step": state.global_step, **diag})
         state.epoch, state.step_in_epoch = epoch + 1, 0
