@@ -75,6 +75,7 @@ class Setting:
     device: str = "cpu"
     num_train: int = 50_000  # sizes memory banks like CIFAR-10
     num_classes: int = 10
+    extra: tuple[str, ...] = ()  # the command line's --set items, applied last
 
     def overrides(self) -> list[str]:
         """``--set`` items that put a recipe in this setting, leaving its method slots alone."""
@@ -90,6 +91,7 @@ class Setting:
             f"train.device={self.device}",
             "optim.name=sgd",
             "mixing.start_epoch=0",
+            *self.extra,
         ]
 
 
@@ -347,6 +349,8 @@ def build_floor(trainer: train_module.Trainer, passes: tuple[Pass, ...]) -> Floo
     }
     for name, encoder in encoders.items():
         encoder.requires_grad_(any(p.grad for p in passes if p.encoder == name))
+        if trainer.recipe.train.compile:  # a copy must not call into the original's compiled code
+            encoder.compile()
     g = torch.Generator().manual_seed(3)
     inputs = [torch.randn(p.shape, generator=g).to(trainer.device) for p in passes]
     params = [p for e in encoders.values() for p in e.parameters() if p.requires_grad]
@@ -703,6 +707,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--all-recipes", action="store_true", help="every recipe file, not one per method"
     )
     parser.add_argument("--no-lightly", action="store_true", help="skip lightly's steps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every method (e.g. model.encode_views=separate, "
+        "train.compile=true: the floor's encoders are then compiled too)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--trace", type=Path, help="folder for profiler traces of the breakdown")
     return parser.parse_args(argv)
@@ -718,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         device=args.device,
         num_train=max(args.num_train, args.batch),
+        extra=tuple(args.set),
     )
     env = environment(args, setting)
     recipes, notes = discover(setting, args.methods, args.all_recipes)
@@ -764,6 +777,7 @@ def report(
         f"## step: {env['setting']['backbone']}, batch {env['setting']['batch']}, "
         f"{env['setting']['image_size']}px, {env['device']}, torch {env['torch']}, "
         f"{env['threads']} threads, {args.repeats} rounds, load {env['load_avg_start'][0]:.1f}"
+        + "".join(f", {item}" for item in args.set)
     )
     print()
     print("Median step time as a ratio to the floor of the same encoder passes (same run).")

@@ -124,6 +124,10 @@ class ModelConfig:
         0, AT_LEAST_0, "hidden head layers kept on the backbone for evaluation (SimCLR v2: 1)"
     )
     predictor_hidden: int = knob(512, AT_LEAST_1, "hidden width of MoCo v3's predictor")
+    encode_views: Literal["joint", "separate"] = knob(
+        "joint",
+        doc="joint: both views in one pass, BN over both (SimCLR); separate: a pass per view",
+    )
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,9 @@ class TrainConfig:
         "fp32", doc="bf16: encoder passes under bfloat16 autocast (losses, memories in fp32)"
     )
     channels_last: bool = knob(False, doc="NHWC memory format for encoders and views (GPUs)")
+    compile: bool = knob(
+        False, doc="torch.compile the encoders: slower first steps (compiling), faster later ones"
+    )
 
 
 @dataclass(frozen=True)

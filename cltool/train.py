@@ -9,7 +9,10 @@ run that was never interrupted (to float round-off on the same machine).
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from cltool.data import ImageSet, load_dataset
 from cltool.display import Display
 from cltool.errors import CLToolError, RecipeError
 from cltool.methods import Progress, build_method
+from cltool.nets import Encoder
 from cltool.recipe import Recipe, check_world_size
 from cltool.track import RunDir, atomic_write_bytes
 
@@ -73,13 +77,49 @@ def check_sync_bn(recipe: Recipe, world_size: int, device: torch.device) -> None
         )
 
 
-def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device
+) -> torch.optim.Optimizer:
+    """SGD or AdamW, fused into one kernel over all parameters where torch has one for the
+    device: the step's arithmetic is the multi-tensor (foreach) default's (SGD's to the bit),
+    in fewer launches."""
     optim = recipe.optim
+    fused = device.type in ("cpu", "cuda")
     if optim.name == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
     return torch.optim.SGD(
-        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        params,
+        lr=optim.lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
+        fused=fused,
     )
+
+
+def check_compile(recipe: Recipe, device: torch.device) -> None:
+    """``train.compile`` on a CPU has inductor write and build C++ kernels: refuse up front,
+    in one line, where no compiler is there to build them."""
+    if not recipe.train.compile or device.type != "cpu":
+        return
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    if not any(name and shutil.which(name) for name in compilers):
+        raise RecipeError(
+            "train.compile = true: torch.compile on the CPU builds C++ kernels and no C++ "
+            "compiler is on PATH; install one (apt-get install g++) or set train.compile = false"
+        )
+
+
+def compile_encoders(method: torch.nn.Module) -> None:
+    """Compile every encoder of the method in place (``nn.Module.compile``: the parameters,
+    state dict and checkpoints stay those of the plain module). The encoders are where a step's
+    time goes; the rest (queues, losses, momentum updates) stays eager, so nothing of the
+    method's bookkeeping has to trace. Evaluation reads ``encoder.backbone``, which runs eager."""
+    # A CUDA build of torch on a machine without a GPU warns, at the first CPU kernel build,
+    # that it found no CUDA runtime: true and irrelevant to CPU kernels.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for module in method.modules():
+        if isinstance(module, Encoder):
+            module.compile()
 
 
 def batches_of_epoch(
@@ -138,6 +178,7 @@ class Trainer:
             if self.device.type == "cuda":  # init_from_env picked this rank's GPU
                 self.device = torch.device("cuda", torch.cuda.current_device())
             check_sync_bn(recipe, self.world_size, self.device)
+        check_compile(recipe, self.device)
         self.data: ImageSet = load_dataset(recipe.data)
         channels = self.data.train_x.shape[1]
         self.augment = TwoViewAugment(
@@ -155,8 +196,10 @@ class Trainer:
             if recipe.model.sync_bn:
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = torch.nn.parallel.DistributedDataParallel(self.method)
+        if recipe.train.compile:
+            compile_encoders(self.method)
         trainable = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(recipe, trainable)
+        self.optimizer = build_optimizer(recipe, trainable, self.device)
         self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = self.steps_per_epoch * recipe.train.epochs
         self.state = TrainState()
@@ -328,6 +371,8 @@ class Trainer:
         dist.barrier()  # evaluation runs once, on rank 0; the others wait here
         self.wall_before, self.started = self.state.wall_s, time.perf_counter()
         self.method.train()
+        if recipe.train.compile:
+            self.display.message("train.compile: the first steps compile the encoders (slower)")
         self.display.start(self.total_steps, self.state.global_step)
         for epoch in range(self.state.epoch, recipe.train.epochs):
             self.train_epoch(epoch)

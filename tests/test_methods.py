@@ -212,3 +212,31 @@ def test_bf16_changes_the_loss_only_by_rounding(tmp_path: Path) -> None:
         first[label] = next(r["loss"] for r in outcome.run_dir.records() if r["kind"] == "step")
     assert first["bf16"] != first["fp32"]
     assert first["bf16"] == pytest.approx(first["fp32"], rel=0.02)
+
+
+def test_compiled_encoders_train_to_the_eager_loss(tmp_path: Path) -> None:
+    """train.compile really compiles (dynamo records graphs) and changes the first step's loss
+    by round-off only."""
+    from torch._dynamo.utils import counters
+
+    first = {}
+    for label, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        graphs_before = counters["stats"]["unique_graphs"]
+        outcome = run("moco_v1", [*TINY, "epochs=1", *extra], tmp_path / label)
+        assert outcome.status == DONE
+        compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
+        assert (compiled_graphs > 0) == (label == "compiled")
+        first[label] = next(r["loss"] for r in outcome.run_dir.records() if r["kind"] == "step")
+    assert first["compiled"] == pytest.approx(first["eager"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov3", "xbm"])
+def test_views_encoded_separately_train(name: str, tmp_path: Path) -> None:
+    """model.encode_views = "separate" (a pass per view) runs for every two-view method and
+    gives another first loss than the joint pass: the BatchNorm statistics differ."""
+    first = {}
+    for how in ("joint", "separate"):
+        outcome = run(name, [*TINY, "epochs=1", f'model.encode_views="{how}"'], tmp_path / how)
+        assert outcome.status == DONE
+        first[how] = next(r["loss"] for r in outcome.run_dir.records() if r["kind"] == "step")
+    assert np.isfinite(first["separate"]) and first["separate"] != first["joint"]

@@ -75,10 +75,19 @@ class MoCo(Method):
         return torch.cat([self.encoder_q(chunk) for chunk in view_q.chunk(splits)])
 
     def encode_keys(self, view_k: torch.Tensor, m: float, seed: int) -> torch.Tensor:
+        """The step's keys: move the key encoder towards the query encoder, then encode."""
+        self.advance_key_encoder(m)
+        return self.current_keys(view_k, seed)
+
+    @torch.no_grad()
+    def advance_key_encoder(self, m: float) -> None:
+        if self.momentum_keys:
+            update_momentum_encoder(self.encoder_k, self.encoder_q, m)
+
+    def current_keys(self, view_k: torch.Tensor, seed: int) -> torch.Tensor:
+        """Keys from the key encoder as it is now (the query encoder, for shared keys)."""
         if not self.momentum_keys:
             return self.encoder_q(view_k)
-        with torch.no_grad():
-            update_momentum_encoder(self.encoder_k, self.encoder_q, m)
         return self.key_forward(view_k, seed)
 
     @torch.no_grad()

@@ -15,7 +15,12 @@ from torch import nn
 from cltool import dist
 from cltool.methods import Progress
 from cltool.methods.moco import MoCo
-from cltool.methods.parts import hidden_layer, in_batch_info_nce, pair_similarities
+from cltool.methods.parts import (
+    encode_views,
+    hidden_layer,
+    in_batch_info_nce,
+    pair_similarities,
+)
 from cltool.recipe import Recipe
 
 
@@ -31,6 +36,9 @@ class MoCoV3(MoCo):
         independent of T, as in the paper's pseudo-code."""
         return 2 * self.T * in_batch_info_nce(q, k, self.T)
 
+    def predicted_queries(self, views: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.predictor(self.encode_queries(views)), dim=1)
+
     def training_loss(
         self,
         view_q: torch.Tensor,
@@ -39,10 +47,10 @@ class MoCoV3(MoCo):
         labels: torch.Tensor,
         progress: Progress,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.momentum(progress)
-        views = torch.cat([view_q, view_k])  # [2B, C, H, W]: one forward per encoder
-        q1, q2 = F.normalize(self.predictor(self.encode_queries(views)), dim=1).chunk(2)
-        k1, k2 = self.encode_keys(views, m, progress.seed).chunk(2)  # [B, dim] each
+        m, how = self.momentum(progress), self.recipe.model.encode_views
+        q1, q2 = encode_views(self.predicted_queries, view_q, view_k, how)  # [B, dim] each
+        self.advance_key_encoder(m)
+        k1, k2 = encode_views(lambda v: self.current_keys(v, progress.seed), view_q, view_k, how)
         # The global batch's keys are the dictionary: [world_size * B, dim] each, rank order.
         q1, q2 = dist.all_gather_with_grad(q1), dist.all_gather_with_grad(q2)
         k1, k2 = dist.all_gather_no_grad(k1), dist.all_gather_no_grad(k2)

@@ -4,6 +4,7 @@ evaluation reads, and the in-batch InfoNCE with its similarity logs."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,22 @@ def evaluation_network(encoder: Encoder, keep_head_layers: int) -> nn.Module:
     if keep_head_layers == 0:
         return encoder.backbone
     return nn.Sequential(encoder.backbone, *encoder.head[:keep_head_layers])
+
+
+def encode_views(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    view_q: torch.Tensor,
+    view_k: torch.Tensor,
+    how: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views [B, ...] through one encoder, as ``model.encode_views`` says: ``"joint"`` is
+    one pass over the 2B images, so BatchNorm normalises with statistics of both views (SimCLR's
+    global BN); ``"separate"`` is a pass per view, statistics per view (MoCo v3's code, lightly,
+    solo-learn), and on a CPU the faster of the two (two small batches stay in cache)."""
+    if how == "separate":
+        return encode(view_q), encode(view_k)
+    first, second = encode(torch.cat([view_q, view_k])).chunk(2)
+    return first, second
 
 
 def in_batch_info_nce(q: torch.Tensor, k: torch.Tensor, T: float) -> torch.Tensor:

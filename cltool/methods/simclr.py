@@ -1,8 +1,9 @@
 """SimCLR v1/v2 (Chen et al. 2020a, 2020b) and SupCon (Khosla et al. 2020): one shared encoder
 and the batch itself as the dictionary.
 
-Both views of all N images go through the encoder in one forward pass, so BatchNorm sees all 2N
-views at once (SimCLR's global BN on one device). SimCLR v2 is a recipe setting:
+By default both views of all N images go through the encoder in one forward pass, so BatchNorm
+sees all 2N views at once (SimCLR's global BN on one device); ``model.encode_views =
+"separate"`` makes a pass per view instead. SimCLR v2 is a recipe setting:
 ``model.head_layers = 3`` and ``model.eval_head_layers = 1``. SupCon is SimCLR with the data
 set's labels deciding the positives.
 """
@@ -14,7 +15,12 @@ import torch
 from cltool import dist
 from cltool.losses import nt_xent, supcon
 from cltool.methods import Method, Progress
-from cltool.methods.parts import build_encoder, evaluation_network, pair_similarities
+from cltool.methods.parts import (
+    build_encoder,
+    encode_views,
+    evaluation_network,
+    pair_similarities,
+)
 from cltool.recipe import Recipe
 
 
@@ -43,7 +49,7 @@ class SimCLR(Method):
         labels: torch.Tensor,
         progress: Progress,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z1, z2 = self.encoder(torch.cat([view_q, view_k])).chunk(2)  # [N, dim] each
+        z1, z2 = encode_views(self.encoder, view_q, view_k, self.recipe.model.encode_views)
         # Every rank computes the loss of the global batch (all ranks' views, rank order).
         z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
         labels = dist.all_gather_no_grad(labels.to(z1.device))

@@ -23,6 +23,7 @@ from cltool.losses import circle_loss, contrastive_loss, lifted_structure_loss, 
 from cltool.memory import CrossBatchMemory
 from cltool.methods import Progress
 from cltool.methods.moco import MoCo
+from cltool.methods.parts import encode_views
 from cltool.recipe import LossConfig, Recipe
 
 #: (anchors [B, dim], labels [B], reference embeddings [M, dim] | None, their labels) -> loss
@@ -64,7 +65,8 @@ class XBM(MoCo):
             new = self.encode_keys(view_k, self.momentum(progress), progress.seed)  # [B, dim]
             positives, references, reference_labels = new, [new], [labels]
         else:
-            anchors = self.encode_queries(torch.cat([view_q, view_k]))  # [2B, dim]
+            pair = encode_views(self.encode_queries, view_q, view_k, self.recipe.model.encode_views)
+            anchors = torch.cat(pair)  # [2B, dim]
             anchor_labels = labels.repeat(2)
             new = anchors.detach()
             positives, references, reference_labels = new[batch:], [], []
