@@ -194,20 +194,21 @@ class Batches:
     step: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(1))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         self.step += 1
         n = len(self.data.train_x)
         indices = torch.randperm(n, generator=self.generator)[: self.batch]
-        return indices, self.data.train_x[indices], self.data.train_y[indices], self.step
+        return indices, self.data.train_y[indices], self.step
 
 
 def project_step(trainer: train_module.Trainer, batches: Batches) -> Step:
-    """One ``Trainer.train_step`` as ``train_epoch`` makes it (gather, step, loss sum)."""
+    """One ``Trainer.train_step`` as ``train_epoch`` makes it (gather where the trainer keeps
+    the images, step, loss sum)."""
     loss_sum = torch.zeros((), device=trainer.device)
 
     def step() -> None:
-        indices, x, y, i = batches.next()
-        logs = trainer.train_step(x, indices, y, 0, i)
+        indices, y, i = batches.next()
+        logs = trainer.train_step(trainer.batch_images(indices), indices, y, 0, i)
         loss_sum.add_(logs["loss"])
 
     return step

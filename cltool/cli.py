@@ -216,14 +216,16 @@ def run_local_ranks(
     recipe: Recipe, out: Path, nproc: int, *, force: bool, quiet: bool
 ) -> RunOutcome:
     """``nproc`` processes of one run; the outcome is read back from rank 0's run folder."""
+    from cltool.device import check_compile, check_sync_bn, resolve_device
     from cltool.dist import launch_local
     from cltool.recipe import check_world_size
     from cltool.run import Interrupted, RunOutcome, run_rank
     from cltool.track import DONE, RunDir
-    from cltool.train import check_sync_bn, resolve_device
 
     check_world_size(recipe, nproc)
-    check_sync_bn(recipe, nproc, resolve_device(recipe.train.device))
+    device = resolve_device(recipe.train.device)
+    check_sync_bn(recipe, nproc, device)
+    check_compile(recipe, device)
     launch_local(nproc, run_rank, recipe, out, force, quiet, announce_stop=announce_stop)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
     if not run_dir.is_done():

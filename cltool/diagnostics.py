@@ -97,7 +97,7 @@ def queued_batches(trainer: Trainer, queue_filled: int, ptr: int, K: int) -> lis
 
 def replay_views(trainer: Trainer, batch: QueuedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The two augmented views [b, C, H, W] the step made of this rank's block."""
-    images = trainer.data.train_x[dist.own_rows(batch.indices)]
+    images = trainer.batch_images(dist.own_rows(batch.indices))
     return trainer.step_views(images, batch.epoch, batch.step)
 
 

@@ -9,10 +9,7 @@ run that was never interrupted (to float round-off on the same machine).
 from __future__ import annotations
 
 import io
-import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,29 +20,22 @@ import torch
 from cltool import diagnostics, dist, evaluate
 from cltool.augment import TwoViewAugment, normalize
 from cltool.data import ImageSet, load_dataset
+from cltool.device import (
+    check_compile,
+    check_sync_bn,
+    compile_encoders,
+    resident_images,
+    resolve_device,
+)
 from cltool.display import Display
-from cltool.errors import CLToolError, RecipeError
+from cltool.errors import CLToolError
 from cltool.methods import Progress, build_method
-from cltool.nets import Encoder
 from cltool.recipe import Recipe, check_world_size
 from cltool.track import RunDir, atomic_write_bytes
 
 
 class StopRequested(Exception):
     """Raised at a step boundary after a checkpoint was written, when a stop was asked for."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLToolError(f"train.device = {name!r}: no CUDA device here; set train.device = 'cpu'")
-    return device
 
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
@@ -66,23 +56,12 @@ def learning_rate(recipe: Recipe, global_step: int, steps_per_epoch: int) -> flo
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_sync_bn(recipe: Recipe, world_size: int, device: torch.device) -> None:
-    """``model.sync_bn`` across several ranks needs GPUs: torch's SyncBatchNorm refuses CPU
-    tensors once a process group is up (with one rank it is plain BatchNorm)."""
-    if recipe.model.sync_bn and world_size > 1 and device.type != "cuda":
-        raise RecipeError(
-            f"model.sync_bn = true: SyncBatchNorm synchronises GPU tensors only, and this run of "
-            f"{world_size} ranks is on {device.type}; set model.sync_bn = false (model.bn_splits "
-            "gives MoCo's shuffle-BN benefit without GPUs)"
-        )
-
-
 def build_optimizer(
     recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device
 ) -> torch.optim.Optimizer:
     """SGD or AdamW, fused into one kernel over all parameters where torch has one for the
-    device: the step's arithmetic is the multi-tensor (foreach) default's (SGD's to the bit),
-    in fewer launches."""
+    device: the multi-tensor (foreach) default's arithmetic, to float round-off, in fewer
+    launches."""
     optim = recipe.optim
     fused = device.type in ("cpu", "cuda")
     if optim.name == "adamw":
@@ -94,32 +73,6 @@ def build_optimizer(
         weight_decay=optim.weight_decay,
         fused=fused,
     )
-
-
-def check_compile(recipe: Recipe, device: torch.device) -> None:
-    """``train.compile`` on a CPU has inductor write and build C++ kernels: refuse up front,
-    in one line, where no compiler is there to build them."""
-    if not recipe.train.compile or device.type != "cpu":
-        return
-    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-    if not any(name and shutil.which(name) for name in compilers):
-        raise RecipeError(
-            "train.compile = true: torch.compile on the CPU builds C++ kernels and no C++ "
-            "compiler is on PATH; install one (apt-get install g++) or set train.compile = false"
-        )
-
-
-def compile_encoders(method: torch.nn.Module) -> None:
-    """Compile every encoder of the method in place (``nn.Module.compile``: the parameters,
-    state dict and checkpoints stay those of the plain module). The encoders are where a step's
-    time goes; the rest (queues, losses, momentum updates) stays eager, so nothing of the
-    method's bookkeeping has to trace. Evaluation reads ``encoder.backbone``, which runs eager."""
-    # A CUDA build of torch on a machine without a GPU warns, at the first CPU kernel build,
-    # that it found no CUDA runtime: true and irrelevant to CPU kernels.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    for module in method.modules():
-        if isinstance(module, Encoder):
-            module.compile()
 
 
 def batches_of_epoch(
@@ -180,6 +133,7 @@ class Trainer:
             check_sync_bn(recipe, self.world_size, self.device)
         check_compile(recipe, self.device)
         self.data: ImageSet = load_dataset(recipe.data)
+        self.train_images = resident_images(self.data.train_x, self.device)
         channels = self.data.train_x.shape[1]
         self.augment = TwoViewAugment(
             recipe.augment, recipe.data.image_size, self.data.mean, self.data.std
@@ -326,6 +280,10 @@ class Trainer:
         self.method.end_step()
         return {"loss": loss.detach(), "lr": torch.tensor(lr), **logs}
 
+    def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The uint8 training images at ``indices``, gathered where they are kept."""
+        return self.train_images[indices.to(self.train_images.device)]
+
     def step_views(
         self, images: torch.Tensor, epoch: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,8 +369,8 @@ class Trainer:
             self.method.on_epoch_start(epoch, self)
         for step in range(state.step_in_epoch, len(batches)):
             indices = dist.own_rows(batches[step])  # this rank's block of the global batch
-            x, y = self.data.train_x[indices], self.data.train_y[indices]
-            logs = self.train_step(x, indices, y, epoch, step)
+            labels = self.data.train_y[indices]
+            logs = self.train_step(self.batch_images(indices), indices, labels, epoch, step)
             self.epoch_loss += logs["loss"]
             state.global_step += 1
             state.step_in_epoch = step + 1

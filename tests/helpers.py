@@ -32,13 +32,16 @@ def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
 
 
-def run_cl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``cl ARGS`` in a subprocess, as a user runs it: no colour, wide lines, output captured."""
+def run_cl(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cl ARGS`` in a subprocess, as a user runs it: no colour, wide lines, output captured;
+    ``env`` adds to (or overrides) the environment."""
     return subprocess.run(
         [sys.executable, "-m", "cltool", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})},
     )

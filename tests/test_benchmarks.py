@@ -40,6 +40,17 @@ def test_step_bench_prints_ratios_to_the_floor() -> None:
     assert "momentum update" in out
 
 
+def test_step_bench_times_a_pass_per_view_with_set() -> None:
+    """``--set`` reaches the recipes: separate view passes give SimCLR a floor of two passes."""
+    out = run_script(
+        "step_bench.py",
+        *("--backbone", "small_cnn", "--batch", "8", "--repeats", "1"),
+        *("--num-train", "64", "--methods", "simclr", "--no-lightly"),
+        *("--set", 'model.encode_views="separate"'),
+    )
+    assert "encoder:8+ encoder:8+" in out, out
+
+
 def test_data_bench_prints_augmentation_ratios() -> None:
     out = run_script("data_bench.py", "--batch", "8", "--backbone", "small_cnn", "--repeats", "1")
     assert "torchvision / project" in out

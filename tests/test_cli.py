@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from helpers import run_cl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run_cl(*args, cwd=cwd, timeout=120)
+def cl(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_cl(*args, cwd=cwd, timeout=120, env=env)
 
 
 def test_version_and_help(tmp_path: Path) -> None:
@@ -62,4 +65,18 @@ def test_missing_dataset_root_is_one_line_and_writes_nothing(tmp_path: Path) -> 
     assert str(tmp_path / "absent") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """On a CPU, torch.compile builds C++ kernels: with no compiler on PATH the run is refused
+    before anything is written, instead of failing at the first step with inductor's trace."""
+    no_compiler = {"PATH": str(Path(sys.executable).parent), "CXX": ""}
+    result = cl(
+        "run", str(ROOT / "recipes" / "moco.toml"), "--out", str(tmp_path / "runs"),
+        "--set", "train.compile=true", "--set", 'train.device="cpu"', cwd=tmp_path, env=no_compiler,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "train.compile = true" in result.stderr and "no C++ compiler" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "runs").exists()
