@@ -126,8 +126,10 @@ def discover(
             recipes.append(load_recipe(files[0], [*setting.overrides(), *extra]))
         except CLToolError as err:
             notes.append(f"{method}: no recipe file and no valid default ({err})")
-    if wanted:
-        return [r for r in recipes if r.name in wanted or r.method in wanted], notes
+    if wanted:  # a recipe stem picks that file; a method name, every file of the method
+        names = {r.name for r in recipes}
+        methods = {w for w in wanted if w not in names}
+        return [r for r in recipes if r.name in wanted or r.method in methods], notes
     if not all_recipes:
         recipes = one_per_method(recipes)
     return recipes, notes
