@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cltool import __version__
+from cltool.display import RunConsole
 from cltool.errors import CLToolError
 
 if TYPE_CHECKING:
     from cltool.recipe import Recipe
     from cltool.run import RunOutcome
+    from cltool.track import RunDir
 
 app = typer.Typer(
     name="cl",
@@ -30,8 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-error_console = Console(stderr=True)
+console = RunConsole()
+error_console = RunConsole(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,8 +69,12 @@ def main(
     """Run, sweep and compare contrastive-learning experiments from TOML recipes."""
 
 
-def announce_stop() -> None:
-    error_console.print("stopping after this step (Ctrl-C again to abort now)")
+def announce_stop(signum: int) -> None:
+    import signal
+
+    name = signal.Signals(signum).name
+    again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
+    error_console.print(f"{name}: stopping after this step{again}", highlight=False)
 
 
 def summary_table(title: str, summary: dict[str, Any]) -> Table:
@@ -154,7 +159,7 @@ def run(
     """
     from cltool.cli_sweep import EXECUTORS, choose
     from cltool.recipe import load_recipe
-    from cltool.run import Interrupted
+    from cltool.track import RunDir
 
     overrides = list(set_ or [])
     if wandb is not None:
@@ -163,28 +168,49 @@ def run(
     if choose(executor, EXECUTORS, "--executor") == "slurm":
         submit_to_slurm(loaded, out, nodes, gpus_per_node or nproc, gpus_per_node, force=force)
         return
+    run_dir = RunDir.for_run(out, loaded.name, loaded.fingerprint)
+    if run_dir.is_done() and not force:  # answered at once: nothing heavy is imported
+        if wandb:
+            from cltool.wandb_log import log_finished_run
+
+            log_finished_run(loaded, run_dir, echo=lambda line: error_console.print(line))
+        summary = run_dir.summary()
+    else:
+        summary = train_here(loaded, out, nproc, force=force, quiet=quiet)
+    if not quiet and summary is not None:
+        console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", summary))
+        console.print(f"run folder: {run_dir.path}", highlight=False)
+
+
+def train_here(
+    recipe: Recipe, out: Path, nproc: int, *, force: bool, quiet: bool
+) -> dict[str, Any] | None:
+    """Train on this machine; a stop signal exits with its shell code (130, 143, 129), any
+    other failure is one line that points at the traceback."""
+    from cltool.run import Interrupted
+
     try:
         outcome = (
-            run_local_ranks(loaded, out, nproc, force=force, quiet=quiet)
+            run_local_ranks(recipe, out, nproc, force=force, quiet=quiet)
             if nproc > 1
-            else run_stoppable(loaded, out, force=force, quiet=quiet)
+            else run_stoppable(recipe, out, force=force, quiet=quiet)
         )
-    except Interrupted:
-        raise typer.Exit(130) from None
+    except Interrupted as stop:
+        from cltool.signals import exit_code
+
+        raise typer.Exit(exit_code(stop.signum)) from None
     except CLToolError:
         raise
     except Exception as err:
-        log = Path(out) / loaded.name / loaded.fingerprint / "train.log"
+        log = Path(out) / recipe.name / recipe.fingerprint / "train.log"
         raise CLToolError(
             f"run failed: {err.__class__.__name__}: {err} (traceback in {log})"
         ) from None
-    if not quiet and outcome.summary is not None:
-        console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", outcome.summary))
-        console.print(f"run folder: {outcome.run_dir.path}", highlight=False)
+    return outcome.summary
 
 
 def run_stoppable(recipe: Recipe, out: Path, *, force: bool, quiet: bool) -> RunOutcome:
-    """One process, stopped cleanly by the first Ctrl-C or SIGTERM."""
+    """One process, stopped cleanly by the first Ctrl-C, SIGTERM or SIGHUP."""
     from cltool.run import run_recipe
     from cltool.signals import StopFlag
 
@@ -204,7 +230,9 @@ def submit_to_slurm(
 
     check_world_size(recipe, nodes * tasks_per_node)
     if force:
-        prepare_run_dir(RunDir.for_run(out, recipe.name, recipe.fingerprint), recipe, force=True)
+        run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+        refuse_if_held(run_dir)
+        prepare_run_dir(run_dir, recipe, force=True)
     options = SlurmOptions(
         nodes=nodes, gpus_per_node=gpus_per_node or None, ntasks_per_node=tasks_per_node
     )
@@ -216,6 +244,8 @@ def run_local_ranks(
     recipe: Recipe, out: Path, nproc: int, *, force: bool, quiet: bool
 ) -> RunOutcome:
     """``nproc`` processes of one run; the outcome is read back from rank 0's run folder."""
+    import signal
+
     from cltool.device import check_compile, check_sync_bn, resolve_device
     from cltool.dist import launch_local
     from cltool.recipe import check_world_size
@@ -226,11 +256,22 @@ def run_local_ranks(
     device = resolve_device(recipe.train.device)
     check_sync_bn(recipe, nproc, device)
     check_compile(recipe, device)
-    launch_local(nproc, run_rank, recipe, out, force, quiet, announce_stop=announce_stop)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
+    refuse_if_held(run_dir)  # before starting ranks; rank 0 still takes the lock itself
+    signum = launch_local(nproc, run_rank, recipe, out, force, quiet, announce_stop=announce_stop)
     if not run_dir.is_done():
-        raise Interrupted
+        raise Interrupted(signum or signal.SIGINT)
     return RunOutcome(run_dir, run_dir.summary(), DONE)
+
+
+def refuse_if_held(run_dir: RunDir) -> None:
+    """Fail in one line, before any work, when a live process holds the run."""
+    from cltool.lock import RunHeld, held_message
+    from cltool.runstate import RUNNING, run_state
+
+    found = run_state(run_dir)
+    if found.name == RUNNING and found.holder is not None:
+        raise RunHeld(held_message(run_dir.path.name, found.holder), found.holder)
 
 
 @app.command()

@@ -106,7 +106,9 @@ def report_command(
             loaded = report.load_runs(path)
         for line in loaded.skipped:
             print(line, file=sys.stderr)
-        result = report.build_report(loaded, metric or report.DEFAULT_METRICS, group_by)
+        result = report.build_report(loaded, metric, group_by)
+        for line in result.notes:
+            print(f"note: {line}", file=sys.stderr)
         png = report.render_plots(result) if plot or html_page else None
         for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
             print(line, file=sys.stderr)

@@ -1,11 +1,15 @@
 """What a run shows while it trains: a live progress bar on a terminal, plain lines elsewhere.
 
 SLURM log files and pipes get one plain line per epoch (no control codes); ``--quiet`` shows
-nothing but errors. Every line also goes to the run's ``train.log``.
+nothing but errors. Every line also goes to the run's ``train.log``, so a reader that goes away
+(``cl run ... | head -1``, a terminal hung up by an SSH disconnect) costs nothing but the
+screen: output then goes to ``/dev/null`` and training carries on (:class:`RunConsole`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,26 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def detach_output() -> None:
+    """Point stdout and stderr at ``/dev/null``: their reader is gone, and a write (or the
+    flush at exit) would otherwise raise and end the run."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # replaced by a stream with no file descriptor
+            continue
+    os.close(devnull)
+
+
+class RunConsole(Console):
+    """A console that survives its reader: rich's default on a closed pipe is to exit."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        detach_output()
 
 
 class Display:

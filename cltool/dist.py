@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from cltool.errors import CLToolError
-from cltool.signals import ForwardToRanks
+from cltool.signals import STOP_SIGNALS, ForwardToRanks
 
 #: Seconds a collective may wait for the other ranks; it also bounds how long the other ranks
 #: wait at a barrier while rank 0 evaluates, hence the generous default.
@@ -180,10 +180,10 @@ def launch_local(
     nproc: int,
     target: Callable[..., None],
     *args: Any,
-    announce_stop: Callable[[], None] | None = None,
-) -> None:
+    announce_stop: Callable[[int], None] | None = None,
+) -> int | None:
     """Run ``target(*args)`` in ``nproc`` processes on this machine, wired for
-    :func:`init_from_env`.
+    :func:`init_from_env`; returns the stop signal that ended them early, if one did.
 
     A stop signal to this process goes on to the ranks (:mod:`cltool.signals`), which stop
     together at the next step. A rank that raises or dies ends all of them with a CLToolError,
@@ -199,7 +199,7 @@ def launch_local(
         join=False,
         start_method="spawn",
     )
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     forward = ForwardToRanks(context.pids(), announce_stop).install()
     try:
         while not context.join(timeout=0.5):
@@ -215,5 +215,6 @@ def launch_local(
                 "the other ranks were stopped"
             ) from None
     finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return forward.flag.signum

@@ -34,9 +34,10 @@ from rich.console import Console
 
 from cltool.errors import CLToolError, RecipeError
 from cltool.recipe import Recipe
-from cltool.status import ACTIVE, RunStatus, collect, short_key
+from cltool.runstate import ACTIVE, run_state
+from cltool.status import RunStatus, collect, short_key
 from cltool.sweep import RECIPES, PlannedRun, Sweep, record_submissions, run_entries
-from cltool.track import DONE, FAILED, RunDir
+from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
 WILL_SUBMIT = "will submit"
 #: ``cl run --quiet`` with this interpreter, whether or not the ``cl`` script is on PATH.
@@ -77,11 +78,11 @@ def make_plan(sweep: Sweep, out: Path, retry_failed: bool) -> Plan:
 # -- running one run --------------------------------------------------------------------------
 
 
-def mark_failed(run_dir: RunDir, error: str) -> None:
+def mark_failed(run_dir: RunDir, reason: str) -> None:
     """Record a failure that happened before (or outside) the run's own bookkeeping."""
     state = run_dir.state()
     if state is None or state.get("status") != FAILED:
-        run_dir.write_state(FAILED, error=error)
+        run_dir.write_state(FAILED, reason=reason)
 
 
 def run_in_process(
@@ -90,8 +91,10 @@ def run_in_process(
     sweep_id: str | None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> str:
-    """Train one run here; returns its final status. Raises ``Interrupted`` when stopped."""
-    from cltool.run import Interrupted, run_recipe
+    """Train one run here; returns its final status (``running`` when another process holds
+    it: that process trains it). Raises ``Interrupted`` when stopped."""
+    from cltool.lock import RunHeld
+    from cltool.run import Interrupted, one_line, run_recipe
 
     try:
         outcome = run_recipe(
@@ -104,8 +107,10 @@ def run_in_process(
         )
     except Interrupted:
         raise
+    except RunHeld:
+        return RUNNING
     except Exception as err:
-        mark_failed(run.run_dir(out), f"{err.__class__.__name__}: {err}")
+        mark_failed(run.run_dir(out), one_line(err))
         return FAILED
     return outcome.status
 
@@ -159,7 +164,7 @@ class RunTask:
         except Interrupted:
             preempt.hand_over()
             raise
-        if status != DONE:
+        if status not in (DONE, RUNNING):  # running: another task of the run trains it
             raise RuntimeError(f"run {run.run_id} {status}: see {run.run_dir(Path(self.out)).log}")
         return status
 
@@ -193,6 +198,7 @@ def run_serial(
 ) -> dict[str, str]:
     """Train the runs one after another here; returns run id -> final status."""
     from cltool.run import Interrupted
+    from cltool.signals import exit_code
 
     folder = sweep.folder(out)
     results: dict[str, str] = {}
@@ -202,10 +208,10 @@ def run_serial(
         with console.status(f"{label}: training", spinner="dots"):
             try:
                 results[run.run_id] = run_in_process(run, out, sweep.sweep_id, should_stop)
-            except Interrupted:
+            except Interrupted as stop:
                 raise CLToolError(
                     f"sweep interrupted during run {run.run_id}: rerun the same command to resume",
-                    exit_code=130,
+                    exit_code=exit_code(stop.signum),
                 ) from None
         console.print(f"{label}: {_status_text(results[run.run_id])}", highlight=False)
     return results
@@ -254,10 +260,14 @@ def run_parallel(
 
 
 def _subprocess_status(run: PlannedRun, out: Path, returncode: int, log: Path) -> str:
+    """A ``cl run`` subprocess's outcome, by its exit code and, where that is not enough,
+    by the one definition of a run's state."""
     if returncode == 0:
         return DONE
-    if returncode == 130:
-        return "interrupted"
+    if returncode > 128:  # stopped by a signal, checkpoint kept
+        return INTERRUPTED
+    if run_state(run.run_dir(out)).name == RUNNING:  # exit 2: another process holds the run
+        return RUNNING
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     mark_failed(run.run_dir(out), lines[-1] if lines else f"cl run exited with {returncode}")
     return FAILED
@@ -269,7 +279,8 @@ def _params_text(params: Mapping[str, Any]) -> str:
 
 def _status_text(status: str) -> str:
     color = {DONE: "green", FAILED: "red"}.get(status, "yellow")
-    return f"[{color}]{status}[/]"
+    text = "running elsewhere" if status == RUNNING else status
+    return f"[{color}]{text}[/]"
 
 
 # -- slurm --------------------------------------------------------------------------------------

@@ -2,8 +2,13 @@
 
 Runs come from run folders (a sweep folder ``<out>/sweeps/<id>/`` whose ``manifest.json`` lists
 its runs, or any folder searched recursively for ``config.toml``) or from the W&B public API.
-Runs are grouped by the recipe keys that differ between them, leaving out the seed, the name
-and the ``wandb.*`` table, so that a momentum sweep reads like the MoCo paper's momentum table.
+Runs are grouped by the recipe keys that differ between them, leaving out the seed, the name,
+the ``wandb.*`` table and the keys that do not change what a run learns (logging and checkpoint
+periods, threads, device), so that a momentum sweep reads like the MoCo paper's momentum table.
+``--group-by`` never averages silently: keys that still differ within a group become columns
+too, with a note saying so. Every run of a sweep is a row of its configuration, with its state
+(:mod:`cltool.runstate`: failed, lost, interrupted, ... with their one-line reasons), so a swept
+value whose runs all failed still shows, with why.
 Only ``config.toml``, ``state.json`` and ``summary.json`` are read for the table;
 ``metrics.jsonl`` is read only for the training curves of ``--plot``/``--html``. Broken files of
 one run (a run killed mid-write) are reported in :attr:`Report.skipped` and that run is left out,
@@ -17,24 +22,26 @@ JSON format (``--format json``; fields are stable, new ones may be added)::
       "sort_metric": "knn_top1",        # groups are sorted by its mean, best first
       "metrics": ["knn_top1", "linear_top1"],
       "keys": ["key_encoder.m"],        # dotted recipe keys the groups differ in
-      "not_started": 0,                 # manifest runs with no folder that fit no group
+      "not_started": 0,                 # runs in state "new"
       "skipped": ["skipped run runs/x/ab: summary.json unreadable"],
+      "notes": [],                      # e.g. keys --group-by had to add as columns
       "groups": [{
         "values": {"key_encoder.m": 0.99},
         "stats": {"knn_top1": {"mean": 0.81, "std": 0.01, "n": 3}},   # std: sample (n-1),
                                                                       # null when n < 2
         "runs": 3,                      # runs found in this group
-        "done": 3, "running": 0, "failed": 0, "interrupted": 0,
+        "done": 3, "running": 0, ...    # a count for every state of cltool.runstate.STATES
         "expected": 3,                  # seeds (or manifest runs) this group should have
         "missing": 0,                   # expected runs without a finished result
         "best": true,                   # best mean of the sort metric
-        "run_ids": ["3f2a9c01de", "..."]
+        "run_ids": ["3f2a9c01de", "..."],
+        "run_states": {"3f2a9c01de": {"state": "done", "reason": null}}
       }]
     }
 
 CSV has one row per group: the dotted keys, then ``<metric>_mean``, ``<metric>_std``,
-``<metric>_n`` per metric, then ``runs, done, running, failed, interrupted, expected, missing,
-best``.
+``<metric>_n`` per metric, then ``runs``, a count per state (``done, running, pending,
+submitted, interrupted, failed, lost, new``), ``expected, missing, best, reason``.
 
 Training curves (``--plot``) use ``loss`` of ``epoch`` records (else the mean ``loss`` of the
 epoch's ``step`` records) and ``knn_top1`` of ``epoch`` and ``eval`` records, averaged over a
@@ -61,6 +68,8 @@ from typing import Any
 
 from cltool.errors import CLToolError
 from cltool.recipe import SHORT_NAMES, canonical_key, flatten
+from cltool.runstate import NEW, STATES, on_slurm, run_state, scheduler_states
+from cltool.sweep import RECIPES
 from cltool.track import (
     DONE,
     FAILED,
@@ -74,9 +83,18 @@ from cltool.track import (
 DEFAULT_METRICS = ("knn_top1", "linear_top1")
 MANIFEST = "manifest.json"
 SCHEMA = 1
-#: Keys that never split runs into groups: seeds are what a group averages over.
-NOT_GROUPED = frozenset({"name", "train.seed"})
-STATUSES = (DONE, RUNNING, FAILED, INTERRUPTED)
+#: Keys that never split runs into groups: seeds are what a group averages over; the others
+#: change how a run logs, checkpoints or where it runs, not what it learns. (``wandb.*`` too.)
+NOT_GROUPED = frozenset(
+    {
+        "name",
+        "train.seed",
+        "train.log_every_steps",
+        "train.checkpoint_every_steps",
+        "train.threads",
+        "train.device",
+    }
+)
 #: W&B run states mapped onto ours.
 WANDB_STATES = {
     "finished": DONE,
@@ -90,21 +108,15 @@ BEST = "★"
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What the table needs of one run; ``path`` is None for runs read from W&B."""
+    """What the table needs of one run; ``path`` is None for runs read from W&B. ``status``
+    is the run's state (:mod:`cltool.runstate`), ``reason`` its one line."""
 
     run_id: str
     config: dict[str, Any]
     summary: dict[str, Any] | None
     status: str
     path: Path | None = None
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A run a sweep manifest lists whose folder does not exist yet."""
-
-    run_id: str
-    params: dict[str, Any]
+    reason: str | None = None
 
 
 @dataclass
@@ -115,7 +127,6 @@ class Loaded:
     runs: list[RunRecord]
     skipped: list[str] = field(default_factory=list)
     manifest: bool = False
-    pending: list[Pending] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,11 @@ class Report:
     metrics: list[str]
     groups: list[Group]
     skipped: list[str]
-    not_started: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def not_started(self) -> int:
+        return sum(group.counts[NEW] for group in self.groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +186,11 @@ def load_runs(path: Path) -> Loaded:
 
 
 def _load_sweep(folder: Path) -> Loaded:
-    """A sweep folder: its manifest names the runs, relative to the out root (its grandparent)."""
+    """A sweep folder: its manifest names the runs, relative to the out root (its grandparent).
+
+    Every run of the manifest is a row, whether it started or not: a run that failed before
+    its folder had a ``config.toml`` (a data set root that is not there) takes its config from
+    the sweep's own copy of its recipe, so its swept values and its reason are shown."""
     manifest = read_json(folder / MANIFEST)
     if manifest is None:
         raise CLToolError(f"{folder / MANIFEST}: unreadable or not a JSON object")
@@ -182,21 +201,18 @@ def _load_sweep(folder: Path) -> Loaded:
         raise CLToolError(f"{folder / MANIFEST}: lists no runs (expected a 'runs' list)")
     out_root = folder.parent.parent
     loaded = Loaded(source=str(folder), runs=[], manifest=True)
+    slurm = any(isinstance(e, dict) and on_slurm(e.get("submissions") or []) for e in entries)
+    queue = scheduler_states() if slurm else None  # as `cl status` asks it: the same states
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("run_dir"), str):
             loaded.skipped.append(f"skipped manifest entry {entry!r}: no 'run_dir'")
             continue
         run_dir = RunDir(out_root / entry["run_dir"])
-        if run_dir.config.is_file():
-            _add_run(loaded, run_dir)
-        else:
-            params = entry.get("params")
-            loaded.pending.append(
-                Pending(
-                    run_id=str(entry.get("run_id") or entry.get("id") or run_dir.path.name),
-                    params=params if isinstance(params, dict) else {},
-                )
-            )
+        submissions = entry.get("submissions") or [None]
+        config_file = run_dir.config
+        if not config_file.is_file():
+            config_file = folder / RECIPES / f"{run_dir.path.name}.toml"
+        _add_run(loaded, run_dir, config_file, submissions[-1], queue)
     return loaded
 
 
@@ -237,20 +253,29 @@ def read_config(text: str) -> dict[str, Any]:
     return flat
 
 
-def _add_run(loaded: Loaded, run_dir: RunDir) -> None:
-    """Read one run folder into ``loaded``, or say why it was skipped."""
+def _add_run(
+    loaded: Loaded,
+    run_dir: RunDir,
+    config_file: Path | None = None,
+    submission: dict[str, Any] | None = None,
+    queue: dict[str, str] | None = None,
+) -> None:
+    """Read one run folder (its config from ``config_file``, by default its own) into
+    ``loaded``, or say why it was skipped."""
+    config_file = config_file or run_dir.config
     try:
-        config = read_config(run_dir.config.read_text(encoding="utf-8"))
+        config = read_config(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        loaded.skipped.append(f"skipped run {run_dir.path}: config.toml unreadable")
+        loaded.skipped.append(f"skipped run {run_dir.path}: {config_file.name} unreadable")
         return
     summary = run_dir.summary()
     if summary is None and run_dir.summary_file.exists():
         loaded.skipped.append(f"skipped run {run_dir.path}: summary.json unreadable")
         return
-    state = run_dir.state()
-    status = str(state.get("status", "unknown")) if state else (DONE if summary else "unknown")
-    loaded.runs.append(RunRecord(run_dir.path.name, config, summary, status, run_dir.path))
+    state = run_state(run_dir, submission, queue)
+    loaded.runs.append(
+        RunRecord(run_dir.path.name, config, summary, state.name, run_dir.path, state.reason)
+    )
 
 
 def load_wandb(path: str, group: str | None, api: Any = None) -> Loaded:
@@ -292,6 +317,11 @@ def _hashable(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
+def groups_runs(key: str) -> bool:
+    """Whether runs that differ in ``key`` may differ in results (and so are not averaged)."""
+    return key not in NOT_GROUPED and not key.startswith("wandb.")
+
+
 def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
     """Recipe keys whose value is not the same in every config (seed, name, wandb.* left out)."""
     keys: set[str] = set()
@@ -299,7 +329,7 @@ def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
         keys.update(config)
     differ = []
     for key in sorted(keys):
-        if key in NOT_GROUPED or key.startswith("wandb."):
+        if not groups_runs(key):
             continue
         if len({_hashable(config.get(key)) for config in configs}) > 1:
             differ.append(key)
@@ -321,34 +351,53 @@ def _stat(values: list[float]) -> Stat:
 
 def build_report(
     loaded: Loaded,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     group_by: Sequence[str] | None = None,
 ) -> Report:
-    """Group the runs, compute mean ± std and n per metric, count missing seeds, mark the best."""
-    metrics = list(metrics) or list(DEFAULT_METRICS)
+    """Group the runs, compute mean ± std and n per metric, count missing seeds, mark the best.
+
+    Without ``metrics``, the :data:`DEFAULT_METRICS` that some run reports (runs trained with
+    ``eval.linear = false`` have no linear probe)."""
     if not loaded.runs:
         why = f"{len(loaded.skipped)} unreadable" if loaded.skipped else "none started yet"
         raise CLToolError(f"{loaded.source}: no runs to report ({why})")
-    _check_metrics(loaded.runs, metrics)
+    available = _available_metrics(loaded.runs)
+    if metrics:
+        metrics = list(metrics)
+        _check_metrics(available, metrics)
+    else:
+        metrics = [m for m in DEFAULT_METRICS if m in available] or list(DEFAULT_METRICS[:1])
+    notes = []
     if group_by:
         keys = [canonical_key(key, "--group-by") for key in group_by]
+        hidden = sorted(
+            {
+                key
+                for runs in _bucket(loaded.runs, keys).values()
+                for key in differing_keys([run.config for run in runs])
+            }
+            - set(keys)
+        )
+        if hidden:
+            notes.append(
+                f"--group-by {', '.join(group_by)}: runs of a group also differ in "
+                f"{', '.join(display_key(k) for k in hidden)}; shown as columns, so that no "
+                "mean mixes them (give them to --group-by too, or report a narrower folder)"
+            )
+            keys += hidden
     else:
         keys = differing_keys([run.config for run in loaded.runs])
-    buckets: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for run in loaded.runs:
-        buckets[tuple(_hashable(run.config.get(k)) for k in keys)].append(run)
-    pending_per_group, not_started = _place_pending(loaded.pending, keys, buckets)
     all_seeds = {_hashable(run.config.get("train.seed")) for run in loaded.runs}
     groups = []
-    for signature, runs in buckets.items():
+    for runs in _bucket(loaded.runs, keys).values():
         done = [run for run in runs if run.status == DONE and run.summary is not None]
         stats = {
             m: _stat([v for run in done if (v := _number(run.summary.get(m))) is not None])
             for m in metrics
         }
-        counts = {status: sum(run.status == status for run in runs) for status in STATUSES}
+        counts = {state: sum(run.status == state for run in runs) for state in STATES}
         if loaded.manifest:
-            expected = len(runs) + pending_per_group.get(signature, 0)
+            expected = len(runs)
             missing = max(expected - len(done), 0)
         else:
             expected = len(all_seeds)
@@ -358,37 +407,34 @@ def build_report(
     groups.sort(key=lambda g: _sort_key(g, metrics[0]))
     if groups and groups[0].stats[metrics[0]].mean is not None:
         groups[0].best = True
-    return Report(loaded.source, keys, metrics, groups, list(loaded.skipped), not_started)
+    return Report(loaded.source, keys, metrics, groups, list(loaded.skipped), notes)
 
 
-def _check_metrics(runs: Iterable[RunRecord], metrics: Sequence[str]) -> None:
-    """Fail on a metric no finished run reports: a typo, not a missing result."""
+def _bucket(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRecord]]:
+    """The runs by their values of ``keys``, in the order they first appear."""
+    buckets: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        buckets[tuple(_hashable(run.config.get(k)) for k in keys)].append(run)
+    return buckets
+
+
+def _available_metrics(runs: Iterable[RunRecord]) -> set[str]:
+    """The numeric summary keys of the runs."""
     available: set[str] = set()
     for run in runs:
         if run.summary:
             available.update(k for k, v in run.summary.items() if _number(v) is not None)
+    return available
+
+
+def _check_metrics(available: set[str], metrics: Sequence[str]) -> None:
+    """Fail on a metric no finished run reports: a typo, not a missing result."""
     unknown = [m for m in metrics if m not in available]
     if available and unknown:
         raise CLToolError(
             f"--metric {unknown[0]}: no run reports it; summaries have: "
             + ", ".join(sorted(available))
         )
-
-
-def _place_pending(
-    pending: list[Pending], keys: list[str], buckets: dict[tuple, list[RunRecord]]
-) -> tuple[dict[tuple, int], int]:
-    """Count not-yet-started manifest runs per group; those whose params miss a key fit none."""
-    per_group: dict[tuple, int] = defaultdict(int)
-    not_started = 0
-    for entry in pending:
-        params = {SHORT_NAMES.get(k, k): v for k, v in flatten(entry.params).items()}
-        signature = tuple(_hashable(params.get(k)) for k in keys)
-        if all(k in params for k in keys) and signature in buckets:
-            per_group[signature] += 1
-        else:
-            not_started += 1
-    return per_group, not_started
 
 
 def _sort_key(group: Group, metric: str) -> tuple:
@@ -421,8 +467,14 @@ def format_stat(stat: Stat, show_n: bool = False) -> str:
 
 
 def _state_text(group: Group) -> str:
-    parts = [f"{group.counts[s]} {s}" for s in (RUNNING, FAILED, INTERRUPTED) if group.counts[s]]
-    return ", ".join(parts)
+    """The group's runs that are not done, counted by state (empty when all are done)."""
+    return ", ".join(f"{group.counts[s]} {s}" for s in STATES if s != DONE and group.counts[s])
+
+
+def _reason_text(group: Group) -> str:
+    """The distinct one-line reasons of the group's runs that are not done."""
+    reasons = dict.fromkeys(run.reason for run in group.runs if run.status != DONE)
+    return "; ".join(reason for reason in reasons if reason)
 
 
 def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
@@ -435,6 +487,7 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         "n",
         "missing",
         "state",
+        "reason",
     ]
     rows = []
     for group in report.groups:
@@ -447,6 +500,7 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
                 str(n),
                 str(group.missing) if group.missing else "",
                 _state_text(group),
+                _reason_text(group),
             ]
         )
     return header, rows
@@ -483,6 +537,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "keys": report.keys,
         "not_started": report.not_started,
         "skipped": report.skipped,
+        "notes": report.notes,
         "groups": [
             {
                 "values": group.values,
@@ -495,6 +550,9 @@ def to_dict(report: Report) -> dict[str, Any]:
                 "missing": group.missing,
                 "best": group.best,
                 "run_ids": [run.run_id for run in group.runs],
+                "run_states": {
+                    run.run_id: {"state": run.status, "reason": run.reason} for run in group.runs
+                },
             }
             for group in report.groups
         ],
@@ -509,7 +567,7 @@ def to_csv(report: Report) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     stat_columns = [f"{m}_{part}" for m in report.metrics for part in ("mean", "std", "n")]
-    tail = ["runs", *STATUSES, "expected", "missing", "best"]
+    tail = ["runs", *STATES, "expected", "missing", "best", "reason"]
     writer.writerow([*report.keys, *stat_columns, *tail])
     for group in report.groups:
         stats = []
@@ -521,10 +579,11 @@ def to_csv(report: Report) -> str:
                 *(format_value(group.values[k]) for k in report.keys),
                 *stats,
                 len(group.runs),
-                *(group.counts[s] for s in STATUSES),
+                *(group.counts[s] for s in STATES),
                 group.expected,
                 group.missing,
                 str(group.best).lower(),
+                _reason_text(group),
             ]
         )
     return buffer.getvalue()
@@ -541,7 +600,7 @@ def to_html(report: Report, png: bytes | None) -> str:
     image = ""
     if png:
         image = f'<img alt="plots" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-    notes = "".join(f"<li>{esc(line)}</li>" for line in report.skipped)
+    notes = "".join(f"<li>{esc(line)}</li>" for line in [*report.notes, *report.skipped])
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>cl report {esc(report.source)}</title><style>"

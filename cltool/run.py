@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import signal
 import subprocess
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -20,8 +22,9 @@ from typing import Any
 from rich.console import Console
 
 from cltool import dist
-from cltool.display import Display
+from cltool.display import Display, RunConsole
 from cltool.errors import CLToolError
+from cltool.lock import LockLost, RunHeld, RunLock
 from cltool.recipe import Recipe, to_toml
 from cltool.signals import StopFlag
 from cltool.track import (
@@ -44,7 +47,12 @@ class RunOutcome:
 
 
 class Interrupted(Exception):
-    """The run stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint."""
+    """The run stopped on request (a stop signal, a preemption) after writing a checkpoint;
+    :attr:`signum` is the signal, whose shell exit code the CLI returns."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class JsonlSink:
@@ -89,11 +97,25 @@ def git_commit() -> str | None:
 
 
 def prepare_run_dir(run_dir: RunDir, recipe: Recipe, force: bool) -> None:
+    """Create the folder with its ``config.toml``; ``force`` first clears what a previous run
+    left (the lock stays: whoever called this holds it, or checked that nobody does)."""
     if force and run_dir.path.exists():
-        shutil.rmtree(run_dir.path)
+        for entry in run_dir.path.iterdir():
+            if entry.name == run_dir.lock_file.name:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if not run_dir.config.exists():
         atomic_write_text(run_dir.config, to_toml(recipe))
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as the one line a state's reason holds."""
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0]}" if text else err.__class__.__name__
 
 
 def run_recipe(
@@ -110,24 +132,96 @@ def run_recipe(
     """Train ``recipe`` into ``out/<name>/<run id>/``, resuming or skipping as the folder says.
 
     Raises :class:`CLToolError` for problems a user can fix (nothing is written when they show
-    before training starts), :class:`Interrupted` when ``should_stop`` turned true.
+    before training starts), :class:`~cltool.lock.RunHeld` when another live process trains the
+    run, :class:`Interrupted` when ``should_stop`` turned true.
 
     In a process group (the environment names a world size above one) every rank trains and
-    resumes from the checkpoint; rank 0 alone writes the folder and shows progress.
+    resumes from the checkpoint; rank 0 alone holds the run's lock, writes the folder and shows
+    progress.
     """
-    from cltool.train import StopRequested, Trainer, resolve_device
-
-    console = console or Console(stderr=False)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
     if run_dir.is_done() and not force:
         return RunOutcome(run_dir, run_dir.summary(), DONE)
 
-    # Everything that can fail on bad input (data, device, model) happens before any file exists.
+    from cltool.device import resolve_device
+
     dist.init_from_env(resolve_device(recipe.train.device))
-    if not dist.is_main():
-        return _run_other_rank(recipe, run_dir, should_stop)
-    display = Display(console, log_path=None, quiet=quiet)
-    trainer = Trainer(recipe, run_dir, display, log=lambda record: None, should_stop=should_stop)
+    display = Display(console or RunConsole(), log_path=None, quiet=quiet or not dist.is_main())
+    created = _first_missing(run_dir.path)
+    lock = _hold(run_dir, display.message)
+    try:
+        # Another process may have finished the run while this one waited for its lock.
+        if dist.any_rank(run_dir.is_done() and not force):
+            return RunOutcome(run_dir, run_dir.summary(), DONE)
+        if lock is None:
+            return _run_other_rank(recipe, run_dir, display, should_stop)
+        return _train_main(
+            recipe, run_dir, display, lock, created, force, sweep_id, swept, should_stop
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what to
+    remove to leave nothing behind."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _hold(run_dir: RunDir, echo: Callable[[str], None]) -> RunLock | None:
+    """Rank 0 takes the run's lock and every rank learns whether it did, so that all of them
+    stop when another process holds the run (the others would wait for rank 0 for ever)."""
+    lock, refused = None, None
+    if dist.is_main():
+        try:
+            lock = RunLock(run_dir.path, echo=echo).acquire()
+        except RunHeld as err:
+            refused = err
+        except OSError as err:  # not writable, or a file where a folder should be
+            raise CLToolError(
+                f"{run_dir.path}: cannot create the run folder ({err.strerror or err}); "
+                "give --out a folder you can write",
+                exit_code=2,
+            ) from None
+    if dist.any_rank(refused is not None):
+        raise refused or RunHeld(f"run {run_dir.path.name} is held by another process", None)
+    return lock
+
+
+def _train_main(
+    recipe: Recipe,
+    run_dir: RunDir,
+    display: Display,
+    lock: RunLock,
+    created: Path | None,
+    force: bool,
+    sweep_id: str | None,
+    swept: dict[str, Any] | None,
+    should_stop: Callable[[], bool],
+) -> RunOutcome:
+    """Rank 0's part of a run, holding its lock: build, train, write the folder."""
+    from cltool.train import StopRequested, Trainer
+
+    def stop_requested() -> bool:
+        lock.ensure_held()  # a run taken over from this process is not written to again
+        return should_stop()
+
+    try:
+        trainer = Trainer(recipe, run_dir, display, log=lambda r: None, should_stop=stop_requested)
+    except CLToolError:
+        if created is not None:  # bad input: leave nothing behind
+            lock.release()
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    except Exception as err:
+        _record_failure(run_dir, err)
+        raise
     prepare_run_dir(run_dir, recipe, force)
     dist.barrier()  # the other ranks look for a checkpoint once --force has removed the old one
     display.log_path = run_dir.log
@@ -146,20 +240,22 @@ def run_recipe(
             run_dir.write_state(
                 RUNNING,
                 epoch=record["epoch"],
-                epochs=recipe.train.epochs,
                 global_step=record["global_step"],
-                total_steps=trainer.total_steps,
                 loss=record.get("loss"),
             )
 
     trainer.log = log
+    trainer.checkpointed = lambda state: run_dir.write_state(
+        RUNNING, global_step=state.global_step, checkpoint_step=state.global_step
+    )
     run_dir.write_state(
-        RUNNING, epochs=recipe.train.epochs, total_steps=trainer.total_steps, error=None
+        RUNNING, epochs=recipe.train.epochs, total_steps=trainer.total_steps, reason=None
     )
     display.message(f"run {recipe.fingerprint}: {run_dir.path}")
     status, summary = FAILED, None
     try:
         metrics = trainer.run()
+        lock.ensure_held()
         summary = {
             "run_id": recipe.fingerprint,
             "name": recipe.name,
@@ -173,18 +269,22 @@ def run_recipe(
         status = DONE
         run_dir.write_state(DONE, epoch=recipe.train.epochs, global_step=metrics["global_step"])
         return RunOutcome(run_dir, summary, DONE)
-    except (StopRequested, KeyboardInterrupt):
+    except (StopRequested, KeyboardInterrupt) as err:
         status = INTERRUPTED
-        run_dir.write_state(INTERRUPTED)
-        display.message("interrupted: the last checkpoint is kept; run the same command to resume")
-        raise Interrupted from None
+        signum = getattr(should_stop, "signum", None) or signal.SIGINT
+        name = signal.Signals(signum).name
+        step = trainer.state.global_step
+        if isinstance(err, StopRequested):
+            reason = f"stopped by {name} at step {step}, checkpoint kept"
+        else:
+            reason = f"aborted by a second {name}; the last checkpoint is kept"
+        run_dir.write_state(INTERRUPTED, reason=f"{reason}; run the same command to resume")
+        display.message(f"interrupted: {reason}; run the same command to resume")
+        raise Interrupted(signum) from None
+    except LockLost:
+        raise
     except Exception as err:
-        run_dir.write_state(FAILED, error=f"{err.__class__.__name__}: {err}")
-        if not isinstance(err, CLToolError):
-            import traceback
-
-            with run_dir.log.open("a", encoding="utf-8") as handle:
-                traceback.print_exc(file=handle)
+        _record_failure(run_dir, err)
         raise
     finally:
         display.finish()
@@ -192,18 +292,28 @@ def run_recipe(
             sink.finish(summary, status)
 
 
-def _run_other_rank(recipe: Recipe, run_dir: RunDir, should_stop: Callable[[], bool]) -> RunOutcome:
+def _record_failure(run_dir: RunDir, err: Exception) -> None:
+    """``failed`` with the error's one line in ``state.json``; an unexpected error's traceback
+    in ``train.log`` (a user error's line says all)."""
+    run_dir.write_state(FAILED, reason=one_line(err))
+    if not isinstance(err, CLToolError):
+        with run_dir.log.open("a", encoding="utf-8") as handle:
+            traceback.print_exception(err, file=handle)
+
+
+def _run_other_rank(
+    recipe: Recipe, run_dir: RunDir, display: Display, should_stop: Callable[[], bool]
+) -> RunOutcome:
     """A rank other than 0: trains in step with rank 0, writes nothing, shows nothing; done
     when its training is (the summary is rank 0's)."""
     from cltool.train import StopRequested, Trainer
 
-    display = Display(Console(quiet=True), log_path=None, quiet=True)
     trainer = Trainer(recipe, run_dir, display, log=lambda record: None, should_stop=should_stop)
     dist.barrier()  # rank 0 has prepared the folder
     try:
         trainer.run()
     except (StopRequested, KeyboardInterrupt):
-        raise Interrupted from None
+        raise Interrupted(getattr(should_stop, "signum", None) or signal.SIGINT) from None
     return RunOutcome(run_dir, None, DONE)
 
 

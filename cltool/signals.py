@@ -1,10 +1,14 @@
-"""Ctrl-C and SIGTERM as a request to stop at the next step boundary, in one process or many.
+"""Ctrl-C, SIGTERM and SIGHUP as a request to stop at the next step boundary, in one process
+or many.
 
 A run stopped mid-step would lose the step; a run stopped between steps keeps a checkpoint and
 resumes exactly. So the first signal only raises a flag that the trainer polls (all ranks agree
 on it through one all-reduce per step, so they stop at the same step); a second Ctrl-C aborts at
-once. Under ``cl run --nproc N`` the terminal's Ctrl-C reaches the launcher and every rank; a
-signal sent to the launcher alone (``kill -INT``) is passed on to the ranks.
+once. The process then exits with the shell's convention for the signal, 128 + its number
+(130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). SIGHUP is what an SSH disconnect sends: the
+terminal is gone, so output is detached from it first (the run's lines still reach
+``train.log``). Under ``cl run --nproc N`` the terminal's Ctrl-C reaches the launcher and every
+rank; a signal sent to the launcher alone (``kill -INT``) is passed on to the ranks.
 """
 
 from __future__ import annotations
@@ -15,14 +19,27 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import Any
 
+#: The signals that ask a run to stop at the next step.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def exit_code(signum: int) -> int:
+    """The shell's exit status of a process ended by signal ``signum``."""
+    return 128 + signum
+
 
 class StopFlag:
-    """Truthy once a SIGINT or SIGTERM arrived; the second SIGINT raises KeyboardInterrupt."""
+    """Truthy once a stop signal arrived (:attr:`signum` says which); the second SIGINT raises
+    KeyboardInterrupt."""
 
-    def __init__(self, announce: Callable[[], None] | None = None) -> None:
-        self.requested = False
+    def __init__(self, announce: Callable[[int], None] | None = None) -> None:
+        self.signum: int | None = None
         self.aborted = False
         self.announce = announce
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __call__(self) -> bool:
         return self.requested
@@ -30,16 +47,21 @@ class StopFlag:
     def handle(self, signum: int, frame: Any) -> None:
         if self.aborted:
             return  # already unwinding: a third signal must not interrupt the clean-up
+        if signum == signal.SIGHUP:
+            from cltool.display import detach_output
+
+            detach_output()
         if self.requested and signum == signal.SIGINT:
             self.aborted = True
             raise KeyboardInterrupt
-        if not self.requested and self.announce is not None:
-            self.announce()
-        self.requested = True
+        if not self.requested:
+            self.signum = signum
+            if self.announce is not None:
+                self.announce(signum)
 
     def install(self) -> StopFlag:
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
         return self
 
 
@@ -50,7 +72,7 @@ class ForwardToRanks:
     terminal's SIGINT does not mistake for a second Ctrl-C), a second SIGINT as SIGINT (abort).
     """
 
-    def __init__(self, pids: Iterable[int], announce: Callable[[], None] | None = None) -> None:
+    def __init__(self, pids: Iterable[int], announce: Callable[[int], None] | None = None) -> None:
         self.pids = list(pids)
         self.flag = StopFlag(announce)
 
@@ -65,6 +87,6 @@ class ForwardToRanks:
                 os.kill(pid, forwarded)
 
     def install(self) -> ForwardToRanks:
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
         return self

@@ -11,6 +11,7 @@ Layout of ``<out>/<recipe name>/<run id>/``:
                     ``linear_top1``, ``epochs_done``, ``wall_s``, ``imgs_per_s``, versions, commit)
 - ``checkpoint.pt`` model, optimiser and memory state at a step boundary
 - ``train.log``     the plain-text log
+- ``lock.json``     who trains the run now (host, pid, heartbeat): see :mod:`cltool.lock`
 
 Every file is written atomically (write a sibling temporary file, then rename), and
 ``metrics.jsonl`` is cut back to the checkpoint's step on resume, so that the folder always
@@ -24,6 +25,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,14 +39,34 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 LOG = "train.log"
 
+LOCK = "lock.json"
+
+#: The states a run folder's ``state.json`` records; :mod:`cltool.runstate` turns a folder
+#: into the state that every reader reports (adding lost, new, pending, ...).
 RUNNING, DONE, FAILED, INTERRUPTED = "running", "done", "failed", "interrupted"
 
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so under a lock: threads write too)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The file gets the mode any new file of the process gets (0666 less the umask), not
+    ``mkstemp``'s 0600: on a cluster's shared file system the group reads the results.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -120,6 +142,10 @@ class RunDir:
     @property
     def log(self) -> Path:
         return self.path / LOG
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
 
     def state(self) -> dict[str, Any] | None:
         return read_json(self.state_file)

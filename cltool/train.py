@@ -112,6 +112,52 @@ class TrainState:
     baselines: dict[str, float] = field(default_factory=dict)
 
 
+def effective_settings(recipe: Recipe, num_train: int, num_test: int) -> dict[str, int]:
+    """The sizes a run really uses, where the data set is smaller than the recipe asks: the
+    images of each split, the images of a step, the keys held, the kNN neighbours."""
+    batch = recipe.train.batch_size
+    return {
+        "num_train": num_train,
+        "num_test": num_test,
+        "batch_size": min(batch, num_train),
+        "K": recipe.dictionary.K,
+        "knn_k": min(recipe.eval.knn_k, num_train),
+    }
+
+
+def clipping_warnings(recipe: Recipe, effective: dict[str, int]) -> list[str]:
+    """One line for each setting the data set clips (or, for K, makes repeat images)."""
+    data, n = recipe.data, effective["num_train"]
+    lines = []
+    for key, asked, got in (
+        ("data.num_train", data.num_train, n),
+        ("data.num_test", data.num_test, effective["num_test"]),
+    ):
+        if asked > got:
+            lines.append(f"{key} = {asked}, but {data.dataset} has {got} such images: using {got}")
+    if recipe.train.batch_size > n:
+        lines.append(
+            f"train.batch_size = {recipe.train.batch_size} is above the {n} training images: "
+            f"each step uses {n}"
+        )
+    if recipe.dictionary.kind in ("queue", "cross_batch") and n < recipe.dictionary.K:
+        lines.append(
+            f"dictionary.K = {recipe.dictionary.K} is above the {n} training images: the "
+            "dictionary holds several keys of each image"
+            + (
+                " (a query's own are dropped: dictionary.exclude_own_keys)"
+                if recipe.dictionary.exclude_own_keys
+                else ", a query's own among its negatives (dictionary.exclude_own_keys = true "
+                "drops them)"
+            )
+        )
+    if recipe.eval.knn_k > n:
+        lines.append(
+            f"eval.knn_k = {recipe.eval.knn_k} is above the {n} training images: using {n}"
+        )
+    return [f"warning: {line}" for line in lines]
+
+
 @dataclass
 class Trainer:
     recipe: Recipe
@@ -119,6 +165,8 @@ class Trainer:
     display: Display
     log: Callable[[dict[str, Any]], None]
     should_stop: Callable[[], bool] = lambda: False
+    #: Called after each checkpoint is written, so the folder's state follows it.
+    checkpointed: Callable[[TrainState], None] = lambda state: None
 
     def __post_init__(self) -> None:
         recipe = self.recipe
@@ -157,6 +205,7 @@ class Trainer:
         self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = self.steps_per_epoch * recipe.train.epochs
         self.state = TrainState()
+        self.effective = effective_settings(recipe, len(self.data.train_x), len(self.data.test_x))
 
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         recipe = self.recipe
@@ -313,10 +362,13 @@ class Trainer:
         self.state.wall_s = self.elapsed()
         self.state.epoch_loss_sum = float(self.epoch_loss)
         self.save_checkpoint()
+        self.checkpointed(self.state)
 
     def run(self) -> dict[str, Any]:
         """Train to the end (resuming if a checkpoint exists) and return the final metrics."""
         recipe = self.recipe
+        for line in clipping_warnings(recipe, self.effective):
+            self.display.message(line)
         resumed = self.load_checkpoint()
         if resumed:
             self.run_dir.truncate_metrics(self.state.global_step)
@@ -357,6 +409,7 @@ class Trainer:
             "device": str(self.device),
             "num_train": len(self.data.train_x),
             "num_test": len(self.data.test_x),
+            "effective": self.effective,
         }
 
     def train_epoch(self, epoch: int) -> None:

@@ -233,6 +233,32 @@ def open_wandb(
     return WandbSink(run, echo)
 
 
+def logged_wandb_run(run_dir: RunDir) -> Path | None:
+    """The W&B run folder a run already wrote (``<run>/wandb/[offline-]run-<time>-<id>``)."""
+    found = sorted((run_dir.path / "wandb").glob(f"*run-*-{run_dir.path.name}"))
+    return found[-1] if found else None
+
+
+def log_finished_run(recipe: Recipe, run_dir: RunDir, echo: Echo = _stderr) -> None:
+    """Send a run that finished without W&B to W&B from its folder, in one go: its config,
+    every ``metrics.jsonl`` record and its summary (offline when there is no network)."""
+    logged = logged_wandb_run(run_dir)
+    if logged is not None:
+        echo(
+            f"W&B: run {run_dir.path.name} is already logged in {logged}; "
+            f"`cl sync {run_dir.path}` uploads it if it was logged offline"
+        )
+        return
+    sink = open_wandb(recipe, run_dir, echo=echo)
+    if sink is None:
+        return
+    records = run_dir.records()
+    for record in records:
+        sink.log(record)
+    sink.finish(run_dir.summary(), DONE)
+    echo(f"W&B: logged run {run_dir.path.name} from its folder ({len(records)} records, summary)")
+
+
 # ---------------------------------------------------------------------------------------------
 # cl sync
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from cltool.lock import HEARTBEAT_S, Holder
+from cltool.track import RunDir, atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MOCO = ROOT / "recipes" / "moco.toml"
@@ -45,3 +50,25 @@ def run_cl(
         timeout=timeout,
         env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})},
     )
+
+
+def hold(
+    run_dir: RunDir, host: str, pid: int, heartbeat_age: float = 0.0, **fields: object
+) -> Holder:
+    """Write the lock a process ``pid`` on ``host`` would hold on ``run_dir``, its last
+    heartbeat ``heartbeat_age`` seconds ago (as a process elsewhere leaves it)."""
+    now = time.time()
+    holder = Holder(
+        token=f"test-{host}-{pid}",
+        host=host,
+        pid=pid,
+        pid_start=None,
+        slurm_job=None,
+        slurm_restart=0,
+        started_at=now - heartbeat_age - 60,
+        heartbeat_at=now - heartbeat_age,
+        interval_s=HEARTBEAT_S,
+    )
+    holder = dataclasses.replace(holder, **fields)
+    atomic_write_json(run_dir.lock_file, dataclasses.asdict(holder))
+    return holder

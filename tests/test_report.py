@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -16,13 +18,14 @@ from typing import Any
 
 import pytest
 import typer
+from helpers import hold
 from typer.testing import CliRunner
 
 from cltool import report
 from cltool.cli_report import register
 from cltool.errors import CLToolError
 from cltool.recipe import flatten, resolve, to_toml
-from cltool.track import atomic_write_json
+from cltool.track import RunDir, atomic_write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,6 +56,8 @@ def make_run(
     path.mkdir(parents=True)
     (path / "config.toml").write_text(to_toml(recipe))
     atomic_write_json(path / "state.json", {"status": status})
+    if status == "running":  # held by a live process: this one
+        hold(RunDir(path), socket.gethostname(), os.getpid())
     if summary is not None:
         atomic_write_json(path / "summary.json", summary)
     lines = records if records is not None else default_records(summary)
@@ -101,9 +106,31 @@ def test_groups_by_the_differing_key_with_mean_std_n(runs: Path) -> None:
 
 def test_single_run_has_no_std_and_explicit_group_by(runs: Path) -> None:
     rep = report.build_report(report.load_runs(runs), ["knn_top1"], group_by=["seed"])
-    assert rep.keys == ["train.seed"]
+    # Runs of one seed differ in m: never averaged silently, m becomes a column with a note.
+    assert rep.keys == ["train.seed", "key_encoder.m"]
+    assert len(rep.notes) == 1 and "differ in m" in rep.notes[0]
     seed2 = next(g for g in rep.groups if g.values["train.seed"] == 2)
     assert seed2.stats["knn_top1"] == report.Stat(84.0, None, 1)
+
+
+def test_group_by_never_merges_runs_that_differ_in_other_keys(tmp_path: Path) -> None:
+    """Issue: `--group-by m` averaged runs that differed in epochs and num_train. Keys that do
+    not change results (log and checkpoint periods, threads, device, W&B) still group."""
+    out = tmp_path / "runs"
+    for seed, epochs, logging in ((0, 3, 10), (1, 3, 5), (0, 5, 10)):
+        recipe_table = table(0.99, seed)
+        recipe_table["train"].update(epochs=epochs, log_every_steps=logging, threads=seed + 1)
+        make_run(out, recipe_table, {"knn_top1": 50.0 + epochs + seed})
+    rep = report.build_report(report.load_runs(out), ["knn_top1"], group_by=["m"])
+    assert rep.keys == ["key_encoder.m", "train.epochs"]
+    assert rep.notes and "differ in epochs" in rep.notes[0]
+    three = next(g for g in rep.groups if g.values["train.epochs"] == 3)
+    assert three.stats["knn_top1"] == report.Stat(53.5, math.sqrt(0.5), 2)
+    result = CliRunner().invoke(
+        cli(), ["report", str(out), "--group-by", "m", "--metric", "knn_top1"]
+    )
+    assert result.exit_code == 0
+    assert "note: --group-by m: runs of a group also differ in epochs" in result.stderr
 
 
 def test_sort_metric_and_unknown_metric(runs: Path) -> None:
@@ -115,18 +142,25 @@ def test_sort_metric_and_unknown_metric(runs: Path) -> None:
 
 def test_sweep_manifest_counts_runs_not_started(runs: Path) -> None:
     sweep = runs / "sweeps" / "s1"
-    sweep.mkdir(parents=True)
+    (sweep / "recipes").mkdir(parents=True)
     entries = [
         {"run_dir": str(p.relative_to(runs)), "params": {}}
         for p in sorted((runs / "moco").iterdir())
     ]
-    entries.append({"run_id": "notyet", "run_dir": "moco/notyet", "params": {"m": 0.99}})
-    entries.append({"run_id": "other", "run_dir": "moco/other", "params": {"T": 0.5}})
+    for run_id, recipe_table in (
+        ("notyet", table(0.99, 3)),
+        ("other", {**table(0.99, 0), "loss": {"T": 0.5}}),
+    ):
+        (sweep / "recipes" / f"{run_id}.toml").write_text(to_toml(resolve(recipe_table)))
+        entries.append({"run_id": run_id, "run_dir": f"moco/{run_id}", "params": {}})
     atomic_write_json(sweep / "manifest.json", {"runs": entries})
     rep = report.build_report(report.load_runs(sweep))
-    high = group_of(rep, 0.99)
-    assert (high.expected, high.missing) == (4, 1)
-    assert rep.not_started == 1
+    assert rep.keys == ["key_encoder.m", "loss.T"]
+    high = next(g for g in rep.groups if g.values == {"key_encoder.m": 0.99, "loss.T": 0.2})
+    assert (high.expected, high.missing, high.counts["new"]) == (4, 1, 1)
+    other = next(g for g in rep.groups if g.values["loss.T"] == 0.5)
+    assert (other.counts["new"], other.stats["knn_top1"].n) == (1, 0)
+    assert rep.not_started == 2
     assert rep.source == str(sweep)
 
 
@@ -141,9 +175,10 @@ def test_formats_read_back(runs: Path) -> None:
         " n ",
         " missing ",
         " state ",
+        " reason ",
     ]
     assert "★" in md[2] and "82 ± 2" in md[2] and "86 ± 1" in md[2]
-    assert "1 running" in md[3]
+    assert "1 running" in md[3] and f"pid {os.getpid()} on {socket.gethostname()}" in md[3]
 
     rows = list(csv.DictReader(io.StringIO(report.to_csv(rep))))
     assert [r["key_encoder.m"] for r in rows] == ["0.99", "0.9"]
@@ -268,7 +303,11 @@ def test_wandb_source_gives_the_same_table(runs: Path) -> None:
     local = report.build_report(report.load_runs(runs))
     assert api.calls == [("me/proj", {"group": "s1"})]
     assert remote.source == "wandb:me/proj group=s1"
-    assert report.to_csv(remote) == report.to_csv(local)
+
+    def without_reason(text: str) -> list[list[str]]:  # W&B knows states, not local pids
+        return [row[:-1] for row in csv.reader(io.StringIO(text))]
+
+    assert without_reason(report.to_csv(remote)) == without_reason(report.to_csv(local))
 
 
 def test_wandb_source_failures_are_one_line() -> None:

@@ -199,10 +199,40 @@ def test_status_reports_a_run_that_crashed_inside_its_job(
     assert report["counts"] == {"done": 1, "failed": 1}
     failed = next(r for r in report["runs"] if r["state"] == "failed")
     assert failed["params"] == {"data.dataset": "imagefolder"}
-    assert failed["error"]
+    assert str(missing) in failed["reason"]
     table = invoke("status", folder)
     assert table.exit_code == 3 and "failed" in table.output
     print(f"failed-run sweep: {time.monotonic() - started:.1f} s")
+
+
+def test_two_overlapping_sweeps_train_their_shared_run_once(
+    tmp_path: Path, sweep_folders: list[Path]
+) -> None:
+    """Two sweeps submitted back to back share the run m=0.99: one task trains it, the other
+    finds it held (or done) and leaves it alone; both sweeps see it done."""
+    started = time.monotonic()
+    folders = []
+    for values in ("0.9,0.99", "0.99,0.999"):
+        before = set((tmp_path / "sweeps").glob("*"))
+        result = invoke(
+            "sweep", MOCO, "--param", f"m={values}", *sets(PREEMPTIBLE), *SLURM, "--out", tmp_path
+        )
+        assert result.exit_code == 0, result.output
+        (folder,) = set((tmp_path / "sweeps").glob("*")) - before
+        folders.append(folder)
+        sweep_folders.append(folder)
+    for folder in folders:
+        wait_for(lambda f=folder: settled(sweep_status(f)), 300, f"sweep {folder.name} to end")
+    shared = load_recipe(MOCO, [*PREEMPTIBLE, "m=0.99"]).fingerprint
+    for folder in folders:
+        states = {s.run_id: s.state for s in sweep_status(folder)}
+        assert set(states.values()) == {DONE} and shared in states, states
+    run_dir = RunDir.for_run(tmp_path, "moco", shared)
+    assert run_dir.log.read_text().count(f"run {shared}: ") == 1, "trained more than once"
+    assert len({r["global_step"] for r in run_dir.records() if r["kind"] == "step"}) == len(
+        [r for r in run_dir.records() if r["kind"] == "step"]
+    )
+    print(f"two overlapping sweeps: {time.monotonic() - started:.1f} s")
 
 
 def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> None:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import typer
-from helpers import MOCO, TINY
+from helpers import MOCO, TINY, hold
 from typer.testing import CliRunner
 
+from cltool.cli_report import register as register_report
 from cltool.cli_sweep import register
 from cltool.errors import RecipeError
 from cltool.launch import WILL_SUBMIT, SlurmOptions, make_plan, parse_time
 from cltool.recipe import load_recipe
-from cltool.status import LOST, NEW, PENDING, SUBMITTED, classify
+from cltool.runstate import LOST, NEW, PENDING, SUBMITTED, run_state
 from cltool.sweep import (
     MANIFEST,
     compile_sweep,
@@ -33,6 +34,7 @@ from cltool.track import DONE, FAILED, RUNNING, RunDir, atomic_write_json
 def cli() -> typer.Typer:
     app = typer.Typer()
     register(app)
+    register_report(app)
     return app
 
 
@@ -204,9 +206,11 @@ def test_plan_states_and_actions(tmp_path: Path) -> None:
     done, running, failed, lost, _ = (r.run_dir(tmp_path) for r in sweep.runs)
     _state(done, DONE)
     atomic_write_json(done.summary_file, {"knn_top1": 50.0})
-    _state(running, RUNNING, host="elsewhere", pid=1, epochs=4, global_step=5, total_steps=10)
-    _state(failed, FAILED, error="boom")
-    _state(lost, RUNNING, host=socket.gethostname(), pid=2**22 + 12345)  # no such process
+    _state(running, RUNNING, epochs=4, global_step=5, total_steps=10)
+    hold(running, host="elsewhere", pid=1)
+    _state(failed, FAILED, reason="boom")
+    _state(lost, RUNNING)
+    hold(lost, host=socket.gethostname(), pid=2**22 + 12345)  # no such process
     plan = make_plan(sweep, tmp_path, retry_failed=False)
     states = {s.run_id: s.state for s in plan.statuses}
     assert [states[r.run_id] for r in sweep.runs] == [DONE, RUNNING, FAILED, LOST, NEW]
@@ -228,16 +232,19 @@ def test_plan_states_and_actions(tmp_path: Path) -> None:
 
 def test_scheduler_queue_decides_pending_and_lost(tmp_path: Path) -> None:
     run_dir = RunDir(tmp_path / "run")
-    job = [{"executor": "slurm", "job_id": "12_1"}]
+    job = {"executor": "slurm", "job_id": "12_1"}
     now = time.time()
-    assert classify(run_dir, job, {"12_1": "PENDING"}, now) == PENDING
-    assert classify(run_dir, job, {"12_1": "RUNNING"}, now) == RUNNING
-    assert classify(run_dir, job, {}, now) == LOST
-    assert classify(run_dir, job, None, now) == SUBMITTED
-    _state(run_dir, RUNNING, host="elsewhere", pid=1)
-    assert classify(run_dir, job, {}, now) == LOST  # the job left the queue without finishing
-    assert classify(run_dir, job, None, now) == RUNNING  # fresh heartbeat, no scheduler to ask
-    assert classify(run_dir, job, None, now + 3600) == LOST
+    assert run_state(run_dir, job, {"12_1": "PENDING"}, now).name == PENDING
+    assert run_state(run_dir, job, {"12_1": "RUNNING"}, now).name == RUNNING
+    assert run_state(run_dir, job, {}, now).name == LOST
+    assert run_state(run_dir, job, None, now).name == SUBMITTED
+    _state(run_dir, RUNNING)
+    hold(run_dir, host="elsewhere", pid=1, slurm_job="12_1")
+    left = run_state(run_dir, job, {}, now)  # the job left the queue without finishing
+    assert left.name == LOST and "12_1 left the queue" in left.reason
+    assert run_state(run_dir, job, None, now).name == RUNNING  # fresh heartbeat, no squeue
+    stale = run_state(run_dir, job, None, now + 3600)
+    assert stale.name == LOST and "heartbeat" in stale.reason
 
 
 def test_dry_run_renders_the_slurm_array_script(tmp_path: Path) -> None:
@@ -305,7 +312,16 @@ def test_local_subprocesses_and_a_run_that_crashes(tmp_path: Path) -> None:
     report = json.loads(status.output)
     assert report["counts"] == {"done": 1, "failed": 1}
     failed = next(r for r in report["runs"] if r["state"] == "failed")
-    assert failed["params"] == {"data.dataset": "imagefolder"} and failed["error"]
+    assert failed["params"] == {"data.dataset": "imagefolder"}
+    assert str(crash) in failed["reason"]
+    # The report shows the failed configuration as a row, its swept key as a column, its reason.
+    table = invoke("report", folder, "--format", "json")
+    assert table.exit_code == 0, table.output
+    rows = json.loads(table.stdout)
+    assert rows["keys"] == ["data.dataset"]
+    bad = next(g for g in rows["groups"] if g["values"] == {"data.dataset": "imagefolder"})
+    (state,) = bad["run_states"].values()
+    assert bad["failed"] == 1 and state == {"state": "failed", "reason": failed["reason"]}
     assert os.listdir(folder / "logs")
     rerun = invoke(*args)
     assert rerun.exit_code == 0 and "--retry-failed" in rerun.output

@@ -312,3 +312,42 @@ def test_a_real_run_logs_its_config_and_summary_offline(tmp_path: Path) -> None:
     rows = [row for row in session["history"] if "epoch/loss" in row]
     assert [row["epoch/loss"] for row in rows] == [r["loss"] for r in logged]
     assert session["exit_code"] == 0
+
+
+def test_wandb_on_a_finished_run_logs_it_from_its_folder_once(tmp_path: Path) -> None:
+    """`cl run --wandb` on a run that finished without W&B sends its config, every record and
+    its summary in one go (offline here); a second time it says where the run is logged."""
+    from cltool.cli import app
+    from cltool.recipe import to_toml
+    from cltool.run import run_recipe
+
+    recipe = resolve(
+        {
+            "name": "tiny",
+            "data": {"num_train": 256, "num_test": 64},
+            "model": {"width": 8},
+            "train": {"epochs": 2, "batch_size": 64, "log_every_steps": 2},
+            "eval": {"linear": False, "baselines": False},
+            "wandb": {"project": "cltest"},
+        }
+    )
+    outcome = run_recipe(recipe, tmp_path, quiet=True)
+    assert not (outcome.run_dir.path / "wandb").exists()
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(to_toml(recipe))
+    args = ["run", str(recipe_file), "--out", str(tmp_path), "--wandb"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert f"W&B: logged run {recipe.fingerprint} from its folder" in first.stderr
+    (session,) = sessions(outcome.run_dir)
+    assert session["run"].run_id == recipe.fingerprint
+    assert session["config"]["train"] == recipe.to_dict()["train"]
+    assert session["summary"]["knn_top1"] == outcome.summary["knn_top1"]
+    epochs = [r["loss"] for r in outcome.run_dir.records() if r["kind"] == "epoch"]
+    assert [row["epoch/loss"] for row in session["history"] if "epoch/loss" in row] == epochs
+    assert session["exit_code"] == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and f"run {recipe.fingerprint} is already logged in" in (
+        again.stderr
+    )
+    assert len(sessions(outcome.run_dir)) == 1
