@@ -146,8 +146,10 @@ def run_recipe(
     from cltool.device import resolve_device
 
     dist.init_from_env(resolve_device(recipe.train.device))
-    display = Display(console or RunConsole(), log_path=None, quiet=quiet or not dist.is_main())
     created = _first_missing(run_dir.path)
+    # A lock can only be taken over in a folder that exists: its train.log records that too.
+    log = run_dir.log if created is None and dist.is_main() else None
+    display = Display(console or RunConsole(), log_path=log, quiet=quiet or not dist.is_main())
     lock = _hold(run_dir, display.message)
     try:
         # Another process may have finished the run while this one waited for its lock.

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -136,7 +137,8 @@ def test_a_killed_holder_is_lost_then_taken_over_and_resumed(
     )
     resumed = run_cl(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"taking over run {run_dir.path.name}: pid {process.pid}" in resumed.stdout
+    taking_over = f"taking over run {run_dir.path.name}: pid {process.pid}"
+    assert taking_over in resumed.stdout and taking_over in run_dir.log.read_text()
     assert "resuming from step" in resumed.stdout
     assert_same_run(run_dir, reference)
 
@@ -309,3 +311,51 @@ def test_status_and_report_agree_on_every_state(tmp_path: Path) -> None:
         assert len(rows) == 2, rows  # one markdown row, one table row
         for row in rows:
             assert (f"1 {state}" in row) == (state != DONE), row
+
+
+# -- files a group can read; settings the data clip ------------------------------------------
+
+
+def test_under_umask_002_every_file_of_a_run_is_group_readable(tmp_path: Path) -> None:
+    command = (
+        f"umask 002 && {sys.executable} -m cltool run {MOCO} "
+        + " ".join(f"--set {s}" for s in TINY)
+        + f" --out {tmp_path} --quiet"
+    )
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (run_path,) = (tmp_path / "moco").iterdir()
+    files = [p for p in run_path.rglob("*")]
+    assert {"config.toml", "state.json", "summary.json", "checkpoint.pt"} <= {p.name for p in files}
+    for path in [run_path, *files]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o060 == 0o060 and mode & 0o002 == 0, (path.name, oct(mode))
+
+
+def test_settings_the_data_clip_are_said_and_recorded(tmp_path: Path) -> None:
+    """digits has 1,797 images (1,437 for training): ask for more of everything."""
+    overrides = [
+        *TINY,
+        "data.dataset=digits",
+        "data.image_size=8",
+        "data.num_train=5000",
+        "train.batch_size=4096",
+        "dictionary.K=8192",
+        "eval.knn_k=3000",
+    ]
+    result = run_cl("run", str(MOCO), *sets(overrides), "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    (run_path,) = (tmp_path / "moco").iterdir()
+    effective = json.loads((run_path / "summary.json").read_text())["effective"]
+    n = effective["num_train"]
+    assert n < 5000 and effective["batch_size"] == n and effective["knn_k"] == n
+    assert effective["K"] == 8192
+    assert warnings == [
+        f"warning: data.num_train = 5000, but digits has {n} such images: using {n}",
+        f"warning: train.batch_size = 4096 is above the {n} training images: each step uses {n}",
+        f"warning: dictionary.K = 8192 is above the {n} training images: the dictionary holds "
+        "several keys of each image, a query's own among its negatives "
+        "(dictionary.exclude_own_keys = true drops them)",
+        f"warning: eval.knn_k = 3000 is above the {n} training images: using {n}",
+    ]
