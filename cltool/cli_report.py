@@ -25,13 +25,16 @@ class Format(enum.StrEnum):
     markdown = "markdown"
     csv = "csv"
     json = "json"
+    latex = "latex"
 
 
 REPORT_HELP = """Summarise runs: one row per configuration, mean ± std over seeds.
 
 Runs are grouped by the recipe keys that differ between them (seed and name left out);
-the table shows each metric's mean ± std, n, missing seeds and runs still running or failed,
-sorted by the first metric with the best marked. Broken run folders are skipped with a line.
+the table shows each metric's mean ± std (sample std, – at n = 1), n, the baselines (kNN of
+a random encoder and of raw pixels), missing seeds and runs still running or failed, sorted
+by the first metric. ★ marks the best (★ n=1 when it is a single run), ≈ a tie: its
+mean ± std overlaps the best's (both n ≥ 2). Broken run folders are skipped with a line.
 
 Examples:
 
@@ -39,7 +42,7 @@ Examples:
 
     cl report runs/ --metric knn_top1 --group-by m --format markdown
 
-    cl report runs/sweeps/SWEEP_ID --plot report.png --html report.html
+    cl report runs/sweeps/SWEEP_ID --plot fig.pdf --html report.html --format latex
 
     cl report --wandb ENTITY/PROJECT --group SWEEP_ID
 """
@@ -82,11 +85,18 @@ def report_command(
         typer.Option("--output", "-o", help="write the table to this file (table: as markdown)"),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG of metrics vs swept values and curves")
+        Path | None,
+        typer.Option(
+            "--plot", help="figure of metrics vs swept values and curves: .png, .svg or .pdf"
+        ),
     ] = None,
     html_page: Annotated[
-        Path | None, typer.Option("--html", help="HTML page with the table and the plots")
+        Path | None,
+        typer.Option("--html", help="one self-contained page: table, figure, runs and configs"),
     ] = None,
+    runs: Annotated[
+        bool, typer.Option("--runs", help="add the run ids of each configuration")
+    ] = False,
     wandb_path: Annotated[
         str | None,
         typer.Option("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B instead"),
@@ -98,6 +108,8 @@ def report_command(
     from cltool import report
 
     try:
+        if plot:
+            _plot_format(plot)
         if wandb_path:
             loaded = report.load_wandb(wandb_path, group)
         elif group:
@@ -109,16 +121,32 @@ def report_command(
         result = report.build_report(loaded, metric, group_by)
         for line in result.notes:
             print(f"note: {line}", file=sys.stderr)
-        png = report.render_plots(result) if plot or html_page else None
-        for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
-            print(line, file=sys.stderr)
-        if plot and png:
-            _write(plot, png)
-        if html_page:
-            _write(html_page, report.to_html(result, png).encode())
-        _emit(result, fmt, output)
+        if plot or html_page:
+            _figures(result, plot, html_page)
+            for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
+                print(line, file=sys.stderr)
+        _emit(result, fmt, output, runs)
     except CLToolError as err:
         raise _fail(err) from None
+
+
+def _plot_format(path: Path) -> str:
+    """The format of ``--plot`` by its suffix, checked before any run is read."""
+    from cltool.report.figures import plot_format
+
+    return plot_format(path)
+
+
+def _figures(result: Report, plot: Path | None, html_page: Path | None) -> None:
+    """Write the figure (``--plot``) and the page (``--html``); matplotlib loads only here."""
+    from cltool.report import figures, html
+
+    fig = figures.report_figure(result)
+    if plot:
+        _write(plot, figures.figure_bytes(fig, _plot_format(plot)))
+    if html_page:
+        page = html.to_html(result, figures.inline_svg(fig), html_page.parent)
+        _write(html_page, page.encode())
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -129,22 +157,23 @@ def _write(path: Path, data: bytes) -> None:
         raise CLToolError(f"{path}: cannot write ({err.strerror})") from None
 
 
-def _emit(result: Report, fmt: Format, output: Path | None) -> None:
-    """Print the table in ``fmt``, or write it to ``output`` (the table format as markdown)."""
+def _emit(result: Report, fmt: Format, output: Path | None, runs: bool) -> None:
+    """Print the table in ``fmt``, or write it to ``output`` (the table format as markdown);
+    ``runs`` adds run ids to the table and markdown (CSV and JSON always have them)."""
     from cltool import report
 
     if fmt is Format.table and output is None:
-        from rich.console import Console
+        from cltool.display import RunConsole
 
-        Console().print(report.to_rich(result))
+        RunConsole().print(report.to_rich(result, runs))
         return
-    render = {
-        Format.table: report.to_markdown,
-        Format.markdown: report.to_markdown,
+    text = {
+        Format.table: lambda r: report.to_markdown(r, runs),
+        Format.markdown: lambda r: report.to_markdown(r, runs),
         Format.csv: report.to_csv,
         Format.json: report.to_json,
-    }[fmt]
-    text = render(result)
+        Format.latex: report.to_latex,
+    }[fmt](result)
     if output is None:
         sys.stdout.write(text)
     else:

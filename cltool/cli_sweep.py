@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.live import Live
 
+from cltool.display import RunConsole
 from cltool.errors import CLToolError, RecipeError
 
-console = Console()
-error_console = Console(stderr=True)
+console = RunConsole()
+error_console = RunConsole(stderr=True)
 
 EXECUTORS = ("local", "slurm")
 FORMATS = ("table", "json")

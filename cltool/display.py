@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,8 +37,25 @@ def detach_output() -> None:
     os.close(devnull)
 
 
+#: Width of output that is not a terminal (pipes, files, SLURM logs): lines keep their natural
+#: length, whatever ``COLUMNS`` says, so that no table cell or command is cut or wrapped.
+PIPE_WIDTH = 10_000
+
+
 class RunConsole(Console):
-    """A console that survives its reader: rich's default on a closed pipe is to exit."""
+    """A console that survives its reader (rich's default on a closed pipe is to exit) and
+    that, off a terminal, prints at natural width (:data:`PIPE_WIDTH`) instead of 80 columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or self._width is not None:
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
@@ -63,7 +80,7 @@ class Display:
     def message(self, text: str) -> None:
         self._log(text)
         if not self.quiet:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def start(self, total_steps: int, done_steps: int) -> None:
         if not self.live:

@@ -39,6 +39,16 @@ RESULTS = {
 }
 
 
+def summary_of(knn: float, lin: float, seed: int) -> dict[str, float]:
+    """A finished run's summary, with the baselines every run measures."""
+    return {
+        "knn_top1": knn,
+        "linear_top1": lin,
+        "knn_top1_random": 20.0 + seed,
+        "knn_top1_pixels": 30.0,
+    }
+
+
 def table(m: float, seed: int, name: str = "moco") -> dict[str, Any]:
     return {"name": name, "key_encoder": {"m": m}, "train": {"seed": seed, "epochs": 3}}
 
@@ -80,7 +90,7 @@ def default_records(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
 def runs(tmp_path: Path) -> Path:
     out = tmp_path / "runs"
     for (m, seed), (knn, lin) in RESULTS.items():
-        make_run(out, table(m, seed), {"knn_top1": knn, "linear_top1": lin})
+        make_run(out, table(m, seed), summary_of(knn, lin, seed))
     make_run(out, table(0.9, 2), None, status="running")
     return out
 
@@ -170,20 +180,25 @@ def test_formats_read_back(runs: Path) -> None:
     assert md[0].split("|")[1:-1] == [
         " best ",
         " m ",
-        " knn_top1 ",
-        " linear_top1 ",
+        " kNN top-1 (%) ",
+        " linear top-1 (%) ",
+        " random encoder kNN (%) ",
+        " raw pixels kNN (%) ",
         " n ",
         " missing ",
         " state ",
         " reason ",
     ]
-    assert "★" in md[2] and "82 ± 2" in md[2] and "86 ± 1" in md[2]
+    assert "★" in md[2] and "82.0 ± 2.0" in md[2] and "86.0 ± 1.0" in md[2]
+    assert "21.0 ± 1.0" in md[2] and "30.0 ± 0.0" in md[2]
     assert "1 running" in md[3] and f"pid {os.getpid()} on {socket.gethostname()}" in md[3]
 
     rows = list(csv.DictReader(io.StringIO(report.to_csv(rep))))
     assert [r["key_encoder.m"] for r in rows] == ["0.99", "0.9"]
     assert float(rows[0]["knn_top1_mean"]) == 82.0 and float(rows[0]["knn_top1_std"]) == 2.0
     assert rows[0]["best"] == "true" and rows[1]["missing"] == "1"
+    assert float(rows[0]["knn_top1_random_mean"]) == 21.0 and rows[1]["tie"] == "false"
+    assert len(rows[0]["run_ids"].split()) == 3
 
     data = json.loads(report.to_json(rep))
     assert data["schema"] == 1 and data["sort_metric"] == "knn_top1"
@@ -192,6 +207,9 @@ def test_formats_read_back(runs: Path) -> None:
     assert first["values"] == {"key_encoder.m": 0.99}
     assert first["stats"]["knn_top1"] == {"mean": 82.0, "std": 2.0, "n": 3}
     assert first["best"] is True and first["done"] == 3 and len(first["run_ids"]) == 3
+    assert data["baselines"] == ["knn_top1_random", "knn_top1_pixels"]
+    assert first["stats"]["knn_top1_pixels"] == {"mean": 30.0, "std": 0.0, "n": 3}
+    assert first["tie"] is False and "overlaps" in data["tie_rule"]
 
 
 def test_corrupt_files_are_skipped_with_a_message(runs: Path) -> None:
@@ -214,20 +232,26 @@ def test_empty_or_wrong_folder_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_plot_and_html(runs: Path, tmp_path: Path) -> None:
+    from cltool.report import figures, html
+
     victim = next((runs / "moco").iterdir())
     with (victim / "metrics.jsonl").open("a") as handle:
         handle.write('{"kind": "epoch", "epo')  # half-written last line
     rep = report.build_report(report.load_runs(runs))
-    png = report.render_plots(rep)
+    fig = figures.report_figure(rep)
+    png = figures.figure_bytes(fig, "png")
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    assert figures.figure_bytes(fig, "pdf").startswith(b"%PDF")
     assert f"run {victim}: metrics.jsonl: skipped 1 unreadable line(s)" in rep.skipped
-    page = report.to_html(rep, png)
-    assert "data:image/png;base64," in page and "<td>0.99</td>" in page
+    page = html.to_html(rep, figures.inline_svg(fig), tmp_path)
+    assert "<svg" in page and "<td>0.99</td>" in page
 
 
 def test_curves_read_epoch_loss_and_knn(runs: Path) -> None:
+    from cltool.report.figures import read_curves
+
     path = next((runs / "moco").iterdir()) / "metrics.jsonl"
-    loss, knn, bad = report.read_curves(path)
+    loss, knn, bad = read_curves(path)
     assert loss == {0: 2.9, 1: 2.5, 2: 2.2}
     assert sorted(knn) == [1, 2] and bad == 0
 
@@ -294,7 +318,7 @@ class FakeApi:
 
 def test_wandb_source_gives_the_same_table(runs: Path) -> None:
     fakes = [
-        FakeRun(table(m, seed), {"knn_top1": knn, "linear_top1": lin}, "finished")
+        FakeRun(table(m, seed), summary_of(knn, lin, seed), "finished")
         for (m, seed), (knn, lin) in RESULTS.items()
     ]
     fakes.append(FakeRun(table(0.9, 2), {}, "running"))
@@ -305,7 +329,8 @@ def test_wandb_source_gives_the_same_table(runs: Path) -> None:
     assert remote.source == "wandb:me/proj group=s1"
 
     def without_reason(text: str) -> list[list[str]]:  # W&B knows states, not local pids
-        return [row[:-1] for row in csv.reader(io.StringIO(text))]
+        rows = csv.reader(io.StringIO(text))  # run ids last, in the order each source lists
+        return [row[:-2] + sorted(row[-1].split()) for row in rows]
 
     assert without_reason(report.to_csv(remote)) == without_reason(report.to_csv(local))
 
