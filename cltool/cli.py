@@ -7,11 +7,14 @@ failed run, 130 for an interrupted one), never as a traceback.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+import typer.rich_utils
 from rich.table import Table
 
 from cltool import __version__
@@ -22,6 +25,13 @@ if TYPE_CHECKING:
     from cltool.recipe import Recipe
     from cltool.run import RunOutcome
     from cltool.track import RunDir
+
+#: Width of ``--help`` off a terminal. Typer's help is boxes as wide as the console, with
+#: option names cut by ``…`` at the 80 columns pipes and SLURM logs get; at this width every
+#: help line of every command fits whole. ``TERMINAL_WIDTH`` still wins when set.
+HELP_WIDTH = 120
+if not sys.stdout.isatty() and "TERMINAL_WIDTH" not in os.environ:
+    typer.rich_utils.MAX_WIDTH = HELP_WIDTH
 
 app = typer.Typer(
     name="cl",

@@ -46,10 +46,14 @@ class RunConsole(Console):
     """A console that survives its reader (rich's default on a closed pipe is to exit) and
     that, off a terminal, prints at natural width (:data:`PIPE_WIDTH`) instead of 80 columns."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._natural = kwargs.get("width") is None  # rich takes COLUMNS as a given width
+
     @property
     def size(self) -> ConsoleDimensions:
         size = super().size
-        if self.is_terminal or self._width is not None:
+        if self.is_terminal or not self._natural:
             return size
         return ConsoleDimensions(PIPE_WIDTH, size.height)
 

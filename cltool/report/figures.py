@@ -373,6 +373,10 @@ def _curves(fig: SubFigure, curves: Curves) -> None:
                 linewidth=0,
             )
             handles.setdefault(label, line)
+            if len(epochs) == 1:  # a band of one point is invisible: an error bar instead
+                ax.errorbar(epochs, means, yerr=stds, fmt="none", color=palette[label], capsize=4)
+        last = max((e for pair in curves.values() for c in pair[index] for e in c), default=0)
+        ax.set_xlim(0.5, last + 1.5)  # epochs 1..last+1, counted as the run prints them
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
