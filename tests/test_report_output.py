@@ -185,6 +185,8 @@ def assert_legends_outside_data(fig: Figure) -> None:
         assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, (extent, box)
         for ax in all_axes(fig):
             assert not extent.overlaps(ax.get_window_extent()), "legend over the data"
+    for ax in all_axes(fig):  # and the legend leaves the data room
+        assert ax.get_window_extent().width >= 2.5 * fig.dpi
 
 
 def test_figure_error_bars_are_the_seed_std_with_seeds_and_baselines(tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ def report_figure(report: Report) -> Figure:
     longest = max([len(label) for label in [*lines, *curves]] + [24])
     legend_w = min(longest * CHAR_W, 6.0) + 0.8
     width = max(panels for _, panels, _ in parts) * PANEL_W + legend_w
-    heights = [max(PANEL_H, 0.2 * entries + 0.9) for _, _, entries in parts]
+    heights = [max(PANEL_H, 0.25 * entries + 1.2) for _, _, entries in parts]
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
     subfigs = fig.subfigures(len(parts), 1, height_ratios=heights, squeeze=False)[:, 0]
@@ -292,11 +292,10 @@ def _results(fig: SubFigure, report: Report, x_key: str, labels: list[str]) -> N
             _min_span(ax)
         ax.grid(alpha=0.3)
     others = [display_key(k) for k in report.keys if k != x_key]
-    title = f"mean ± std over seeds vs {key_label(x_key)}"
-    if others:
-        title += f"; one line per {', '.join(others)}"
-    fig.suptitle(title, fontsize="medium")
-    _legend(fig, handles)
+    fig.suptitle(
+        f"mean ± std over seeds vs {key_label(x_key)}", fontsize="medium", x=0.01, ha="left"
+    )
+    _legend(fig, handles, f"one line per {', '.join(others)}" if others else None)
 
 
 def _baseline_lines(ax: Any, report: Report) -> dict[str, Any]:
@@ -384,11 +383,13 @@ def _curves(fig: SubFigure, curves: Curves) -> None:
     knn_ax.set_ylabel("kNN top-1 monitor (%)")
     if knn_ax.lines:
         _min_span(knn_ax)
-    fig.suptitle("training curves: mean over seeds, band ± std", fontsize="medium")
-    _legend(fig, handles)
+    fig.suptitle(
+        "training curves: mean over seeds, band ± std", fontsize="medium", x=0.01, ha="left"
+    )
+    _legend(fig, handles, "configuration")
 
 
-def _legend(fig: SubFigure, handles: dict[str, Any]) -> None:
+def _legend(fig: SubFigure, handles: dict[str, Any], title: str | None = None) -> None:
     """One legend for the part, outside the axes on the right."""
     if not handles:
         return
@@ -397,7 +398,8 @@ def _legend(fig: SubFigure, handles: dict[str, Any]) -> None:
         list(handles),
         loc="outside right upper",
         fontsize="small",
-        ncols=2 if len(handles) > 16 else 1,
+        title=title,
+        title_fontsize="small",
     )
 
 
