@@ -350,3 +350,20 @@ if __name__ == "__main__":  # regenerate the golden LaTeX file after a deliberat
     GOLDEN.mkdir(exist_ok=True)
     (GOLDEN / "report.tex").write_text(report.to_latex(rep))
     sys.exit(0)
+
+
+def test_messages_keep_commands_on_one_line_off_a_terminal(monkeypatch: Any) -> None:
+    """The W&B offline hint's `cl sync PATH` broke across lines in SLURM logs."""
+    from cltool.display import Display, RunConsole
+
+    monkeypatch.setenv("COLUMNS", "80")
+    buffer = io.StringIO()
+    hint = "W&B: logging offline to runs/moco/" + "a" * 60 + "/wandb; upload later with `cl sync x`"
+    Display(RunConsole(file=buffer), log_path=None).message(hint)
+    assert buffer.getvalue() == hint + "\n"
+
+
+def test_gallery_script_parses() -> None:
+    script = ROOT / "docs" / "gallery" / "make.sh"
+    assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0
+    assert os.access(script, os.X_OK)
