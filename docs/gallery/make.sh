@@ -13,7 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cl=("${PYTHON:-$root/.venv/bin/python}" -m cltool)
-out=${GALLERY_OUT:-$root/runs/gallery}
+out=${GALLERY_OUT:-runs/gallery}  # relative to the repository, as the tables print it
 dest=${GALLERY_DEST:-$here}
 sweep=(sweep recipes/moco.toml --param m=0,0.9,0.99,0.999 --seeds 3 --out "$out" "$@")
 
