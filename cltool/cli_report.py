@@ -109,7 +109,9 @@ def report_command(
 
     try:
         if plot:
-            _plot_format(plot)
+            from cltool.report.figures import plot_format
+
+            plot_format(plot)  # a bad suffix fails before any run is read
         if wandb_path:
             loaded = report.load_wandb(wandb_path, group)
         elif group:
@@ -130,20 +132,13 @@ def report_command(
         raise _fail(err) from None
 
 
-def _plot_format(path: Path) -> str:
-    """The format of ``--plot`` by its suffix, checked before any run is read."""
-    from cltool.report.figures import plot_format
-
-    return plot_format(path)
-
-
 def _figures(result: Report, plot: Path | None, html_page: Path | None) -> None:
     """Write the figure (``--plot``) and the page (``--html``); matplotlib loads only here."""
     from cltool.report import figures, html
 
     fig = figures.report_figure(result)
     if plot:
-        _write(plot, figures.figure_bytes(fig, _plot_format(plot)))
+        _write(plot, figures.figure_bytes(fig, figures.plot_format(plot)))
     if html_page:
         page = html.to_html(result, figures.inline_svg(fig), html_page.parent)
         _write(html_page, page.encode())

@@ -21,7 +21,8 @@ from helpers import ROOT, run_cl
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from rich.console import Console
-from test_report import make_run, summary_of, table
+from test_report import cli, make_run, summary_of, table
+from typer.testing import CliRunner
 
 from cltool import report
 from cltool.errors import CLToolError
@@ -266,6 +267,9 @@ def test_plot_suffix_picks_the_format(tmp_path: Path) -> None:
     with pytest.raises(CLToolError, match=r"give a \.png, \.svg or \.pdf") as info:
         figures.plot_format(Path("a.jpg"))
     assert info.value.exit_code == 2
+    result = CliRunner().invoke(cli(), ["report", str(tmp_path), "--plot", "a.jpg"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --plot a.jpg: give a .png")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,11 +229,8 @@ def _axis(values: list[Any], key: str) -> tuple[str, Any]:
 
 def _results(fig: SubFigure, report: Report, x_key: str, labels: list[str]) -> None:
     """Each metric against ``x_key``: error bars (mean ± std), seeds as points, baselines."""
-    values = sorted({hashable(g.values[x_key]) for g in report.groups}, key=order)
-    values = [
-        next(g.values[x_key] for g in report.groups if hashable(g.values[x_key]) == v)
-        for v in values
-    ]
+    by_hash = {hashable(g.values[x_key]): g.values[x_key] for g in report.groups}
+    values = [by_hash[h] for h in sorted(by_hash, key=order)]
     kind, position = _axis(values, x_key)
     distinct = list(dict.fromkeys(labels))
     palette = dict(zip(distinct, colors(len(distinct)), strict=True))
