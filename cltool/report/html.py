@@ -23,7 +23,7 @@ STYLE = (
     ".scroll{overflow-x:auto;max-width:100%}"
     "table{border-collapse:collapse;margin:.5em 0}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
-    "td:first-child,th:first-child{text-align:left}"
+    "td:first-child,th:first-child,.runs td,.runs th{text-align:left}"
     "tr.best{font-weight:bold;background:#eaf6ea}"
     "pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:.3em 0}"
     "svg{display:block}"
@@ -59,7 +59,7 @@ def to_html(report: Report, svg: str | None = None, base: Path | None = None) ->
     for group in report.groups:
         parts.append(f"<h3>{esc(group_label(report.keys, group))}</h3>")
         parts.append(
-            "<div class=scroll><table><tr><th>run</th><th>state</th><th>reason</th>"
+            "<div class=scroll><table class=runs><tr><th>run</th><th>state</th><th>reason</th>"
             "<th>files</th></tr>"
             + "".join(_run_row(run, base) for run in group.runs)
             + "</table></div>"
