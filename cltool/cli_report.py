@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, InputError
 
 if TYPE_CHECKING:
     from cltool.report import Report
@@ -101,7 +101,7 @@ def report_command(
         if wandb_path:
             loaded = report.load_wandb(wandb_path, group)
         elif group:
-            raise CLToolError("--group needs --wandb ENTITY/PROJECT")
+            raise InputError("--group needs --wandb ENTITY/PROJECT")
         else:
             loaded = report.load_runs(path)
         for line in loaded.skipped:
@@ -124,7 +124,7 @@ def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     except OSError as err:
-        raise CLToolError(f"{path}: cannot write ({err.strerror})") from None
+        raise InputError(f"{path}: cannot write ({err.strerror})") from None
 
 
 def _emit(result: Report, fmt: Format, output: Path | None) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cltool.errors import CLToolError
+from cltool.errors import InputError
 from cltool.recipe import DataConfig
 
 
@@ -60,7 +60,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         "imagefolder": _load_imagefolder,
     }
     if cfg.dataset not in loaders:
-        raise CLToolError(
+        raise InputError(
             f"data.dataset = {cfg.dataset!r} is unknown: choose one of {', '.join(loaders)}"
         )
     train_x, train_y, test_x, test_y, num_classes = loaders[cfg.dataset](cfg)
@@ -338,7 +338,7 @@ def _open_torchvision(cfg: DataConfig, train: bool) -> Dataset:
             cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
             return cls(train=train, **kwargs)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise CLToolError(_missing_message(cfg, err)) from None
+        raise InputError(_missing_message(cfg, err)) from None
 
 
 def _missing_message(cfg: DataConfig, err: Exception) -> str:
@@ -386,7 +386,7 @@ def _load_imagefolder(cfg: DataConfig) -> _Splits:
     """Every image under ``cfg.root`` as RGB, with labels from the sorted class folder names."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: {root}/ is not a folder: set data.root to a folder of class folders"
         )
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -403,7 +403,7 @@ def _load_imagefolder(cfg: DataConfig) -> _Splits:
 def _class_names(folder: Path) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: {folder}/ has no class folders: put each class's images in "
             f"{folder}/<class name>/"
         )
@@ -419,7 +419,7 @@ def _read_images(folder: Path, classes: list[str], size: int) -> tuple[torch.Ten
                 images.append(_read_image(path, size))
                 labels.append(label)
     if not images:
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: no images under {folder}/ (looked for "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} in its class folders)"
         )
@@ -434,5 +434,5 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, UnidentifiedImageError) as err:
-        raise CLToolError(f"imagefolder: cannot read {path}: {err}") from None
+        raise InputError(f"imagefolder: cannot read {path}: {err}") from None
     return np.asarray(rgb).transpose(2, 0, 1).copy()

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, InputError
 from cltool.recipe import SHORT_NAMES, canonical_key, flatten
 from cltool.track import (
     DONE,
@@ -154,16 +154,16 @@ def load_runs(path: Path) -> Loaded:
     """Runs of a sweep folder (by its manifest) or of every run folder below ``path``."""
     path = Path(path)
     if not path.exists():
-        raise CLToolError(f"{path}: no such folder (give a sweep folder or a folder of runs)")
+        raise InputError(f"{path}: no such folder (give a sweep folder or a folder of runs)")
     if (path / MANIFEST).is_file():
         return _load_sweep(path)
     if not path.is_dir():
-        raise CLToolError(f"{path}: not a folder (give a sweep folder or a folder of runs)")
+        raise InputError(f"{path}: not a folder (give a sweep folder or a folder of runs)")
     loaded = Loaded(source=str(path), runs=[])
     for run_dir in find_run_dirs(path):
         _add_run(loaded, run_dir)
     if not loaded.runs and not loaded.skipped:
-        raise CLToolError(
+        raise InputError(
             f"{path}: no run folders found (none holds a config.toml); give a sweep folder "
             "like runs/sweeps/<id> or the folder runs are written to"
         )
@@ -174,12 +174,12 @@ def _load_sweep(folder: Path) -> Loaded:
     """A sweep folder: its manifest names the runs, relative to the out root (its grandparent)."""
     manifest = read_json(folder / MANIFEST)
     if manifest is None:
-        raise CLToolError(f"{folder / MANIFEST}: unreadable or not a JSON object")
+        raise InputError(f"{folder / MANIFEST}: unreadable or not a JSON object")
     entries = manifest.get("runs", [])
     if isinstance(entries, dict):
         entries = [{"run_id": key, **value} for key, value in entries.items()]
     if not isinstance(entries, list) or not entries:
-        raise CLToolError(f"{folder / MANIFEST}: lists no runs (expected a 'runs' list)")
+        raise InputError(f"{folder / MANIFEST}: lists no runs (expected a 'runs' list)")
     out_root = folder.parent.parent
     loaded = Loaded(source=str(folder), runs=[], manifest=True)
     for entry in entries:
@@ -274,7 +274,7 @@ def load_wandb(path: str, group: str | None, api: Any = None) -> Loaded:
             "and the network"
         ) from None
     if not remote:
-        raise CLToolError(f"{source}: no runs found (check the project and the group id)")
+        raise InputError(f"{source}: no runs found (check the project and the group id)")
     loaded = Loaded(source=source, runs=[])
     for run in remote:
         config = {k: v for k, v in flatten(dict(run.config)).items() if not k.startswith("_")}
@@ -328,7 +328,7 @@ def build_report(
     metrics = list(metrics) or list(DEFAULT_METRICS)
     if not loaded.runs:
         why = f"{len(loaded.skipped)} unreadable" if loaded.skipped else "none started yet"
-        raise CLToolError(f"{loaded.source}: no runs to report ({why})")
+        raise InputError(f"{loaded.source}: no runs to report ({why})")
     _check_metrics(loaded.runs, metrics)
     if group_by:
         keys = [canonical_key(key, "--group-by") for key in group_by]
@@ -369,7 +369,7 @@ def _check_metrics(runs: Iterable[RunRecord], metrics: Sequence[str]) -> None:
             available.update(k for k, v in run.summary.items() if _number(v) is not None)
     unknown = [m for m in metrics if m not in available]
     if available and unknown:
-        raise CLToolError(
+        raise InputError(
             f"--metric {unknown[0]}: no run reports it; summaries have: "
             + ", ".join(sorted(available))
         )

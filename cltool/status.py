@@ -197,7 +197,7 @@ def short_key(key: str) -> str:
     return next((short for short, full in SHORT_NAMES.items() if full == key), key)
 
 
-def _fmt_value(value: Any) -> str:
+def format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -231,7 +231,7 @@ def status_table(
         state = f"[{style}]{s.state}[/]" if style else s.state
         epoch = f"{s.epochs_done}/{s.epochs}" if s.epochs_done is not None else ""
         loss = f"{s.loss:.4f}" if s.loss is not None else ""
-        cells = [s.run_id, *(_fmt_value(s.params.get(k)) for k in swept_keys), state]
+        cells = [s.run_id, *(format_value(s.params.get(k)) for k in swept_keys), state]
         if plan is not None:
             table.add_row(*cells, plan.get(s.run_id, ""), epoch)
         else:

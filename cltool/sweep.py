@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cltool.errors import CLToolError, RecipeError
+from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
     Recipe,
     canonical_key,
@@ -383,7 +383,7 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a sweep folder, or a one-line error saying what is wrong with the path."""
     manifest = read_json(Path(folder) / MANIFEST)
     if manifest is None or not isinstance(manifest.get("runs"), list):
-        raise CLToolError(f"{folder}: not a sweep folder (no readable {MANIFEST})", exit_code=2)
+        raise InputError(f"{folder}: not a sweep folder (no readable {MANIFEST})")
     return manifest
 
 

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from cltool.cli_sweep import register
 from cltool.errors import RecipeError
-from cltool.launch import WILL_SUBMIT, SlurmOptions, make_plan, parse_time
+from cltool.launch import WILL_SUBMIT, make_plan
 from cltool.recipe import load_recipe
+from cltool.slurm_options import SlurmOptions, parse_time
 from cltool.status import LOST, NEW, PENDING, SUBMITTED, classify
 from cltool.sweep import (
     MANIFEST,
