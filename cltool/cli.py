@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cltool import __version__
@@ -261,12 +262,15 @@ def run_local_ranks(
 
 @app.command()
 def keys() -> None:
-    """List every recipe key with its default and allowed values."""
+    """List every recipe key with its default and allowed values, then the `[sweep]` and
+    `[slurm]` tables that `cl sweep` and `cl run --executor slurm` read from a recipe file."""
     from cltool.recipe import describe_keys
+    from cltool.slurm_options import describe_slurm_keys
+    from cltool.sweep import describe_sweep_keys
 
     table = Table("key", "default", "meaning")
-    for key, default, doc in describe_keys():
-        table.add_row(key, default, doc)
+    for key, default, doc in describe_keys() + describe_sweep_keys() + describe_slurm_keys():
+        table.add_row(key, escape(default), escape(doc))  # docs hold [...], not markup
     console.print(table)
 
 

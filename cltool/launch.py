@@ -35,9 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cltool.errors import CLToolError, InputError
-from cltool.recipe import Recipe
+from cltool.recipe import Recipe, short_key
 from cltool.slurm_options import SlurmOptions
-from cltool.status import ACTIVE, RunStatus, collect, format_value, short_key
+from cltool.status import ACTIVE, RunStatus, collect, format_value
 from cltool.sweep import RECIPES, PlannedRun, Sweep, record_submissions, run_entries
 from cltool.track import DONE, FAILED, RunDir
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from rich.table import Table
 
-from cltool.recipe import SHORT_NAMES
+from cltool.recipe import short_key
 from cltool.sweep import load_manifest, sweep_out
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
@@ -191,10 +191,6 @@ def exit_code(statuses: list[RunStatus]) -> int:
 def settled(statuses: list[RunStatus]) -> bool:
     """True when no run is queued or running: watching longer would show nothing new."""
     return not any(s.state in ACTIVE for s in statuses)
-
-
-def short_key(key: str) -> str:
-    return next((short for short, full in SHORT_NAMES.items() if full == key), key)
 
 
 def format_value(value: Any) -> str:

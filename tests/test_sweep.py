@@ -111,11 +111,13 @@ def test_run_ids_are_fingerprints_and_duplicates_are_one_run() -> None:
 
 
 def test_one_bad_value_rejects_the_sweep_with_the_cl_run_error(tmp_path: Path) -> None:
+    """The same check as ``cl run --set``, blamed on the ``--param`` that gave the value."""
     with pytest.raises(RecipeError) as from_run:
         load_recipe(MOCO, ["m=1.5"])
     result = invoke("sweep", MOCO, "--param", "m=0.9,1.5", "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert str(from_run.value) in " ".join(result.output.split())
+    check = str(from_run.value).removeprefix("--set: ")
+    assert f"error: --param m=0.9,1.5: {check}" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
     result = invoke("sweep", MOCO, "--param", "momentun=0.9", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "unknown key" in result.output
