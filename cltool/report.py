@@ -61,6 +61,7 @@ from typing import Any
 
 from cltool.errors import CLToolError, InputError
 from cltool.recipe import SHORT_NAMES, canonical_key, flatten
+from cltool.text import plural
 from cltool.track import (
     DONE,
     FAILED,
@@ -464,7 +465,7 @@ def to_rich(report: Report) -> Any:
     from rich.table import Table
 
     header, rows = table_rows(report)
-    table = Table(title=f"{report.source}: {len(report.groups)} configurations")
+    table = Table(title=f"{report.source}: {plural(len(report.groups), 'configuration')}")
     for name in header:
         numeric = name in report.metrics or name in ("n", "missing")
         table.add_column("" if name == "best" else name, justify="right" if numeric else "left")
