@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ def run_serial(
     results: dict[str, str] = {}
     for i, run in enumerate(runs, 1):
         record_submissions(folder, {run.run_id: _local_submission(os.getpid())})
-        label = f"[{i}/{len(runs)}] {run.run_id} {_params_text(run.params)}"
+        label = _run_label(i, len(runs), run)
         with console.status(f"{label}: training", spinner="dots"):
             try:
                 results[run.run_id] = run_in_process(run, out, sweep.sweep_id, should_stop)
@@ -221,11 +221,12 @@ def run_parallel(
     folder = sweep.folder(out)
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    waiting, active, results = list(runs), {}, {}
+    waiting = [(_run_label(i, len(runs), run), run) for i, run in enumerate(runs, 1)]
+    active, results = {}, {}
     try:
         while waiting or active:
             while waiting and len(active) < jobs:
-                run = waiting.pop(0)
+                label, run = waiting.pop(0)
                 log = logs / f"{run.run_id}.log"
                 with log.open("ab") as handle:
                     process = subprocess.Popen(
@@ -234,21 +235,18 @@ def run_parallel(
                         stderr=subprocess.STDOUT,
                     )
                 record_submissions(folder, {run.run_id: _local_submission(process.pid)})
-                active[run.run_id] = (run, process, log)
-            for run_id, (run, process, log) in list(active.items()):
+                active[run.run_id] = (label, run, process, log)
+            for run_id, (label, run, process, log) in list(active.items()):
                 if process.poll() is None:
                     continue
                 del active[run_id]
                 results[run_id] = _subprocess_status(run, out, process.returncode, log)
-                console.print(
-                    f"{run_id} {_params_text(run.params)}: {_status_text(results[run_id])}",
-                    highlight=False,
-                )
+                console.print(f"{label}: {_status_text(results[run_id])}", highlight=False)
             time.sleep(0.2)
     except KeyboardInterrupt:
-        for _, process, _ in active.values():
+        for _, _, process, _ in active.values():
             process.send_signal(signal.SIGTERM)  # cl run checkpoints and stops at the next step
-        for _, process, _ in active.values():
+        for _, _, process, _ in active.values():
             process.wait()
         raise CLToolError(
             "sweep interrupted: rerun the same command to resume", exit_code=130
@@ -266,8 +264,11 @@ def _subprocess_status(run: PlannedRun, out: Path, returncode: int, log: Path) -
     return FAILED
 
 
-def _params_text(params: Mapping[str, Any]) -> str:
-    return " ".join(f"{short_key(k)}={v}" for k, v in params.items())
+def _run_label(index: int, count: int, run: PlannedRun) -> str:
+    """``[i/N] <run id> <swept values>``: the same label whether runs go one at a time or
+    ``--jobs`` at a time (then in the order they were started)."""
+    params = " ".join(f"{short_key(k)}={v}" for k, v in run.params.items())
+    return f"[{index}/{count}] {run.run_id} {params}"
 
 
 def _status_text(status: str) -> str:

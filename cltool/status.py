@@ -58,6 +58,15 @@ class RunStatus:
     eta_s: float | None
     job_id: str | None
     error: str | None
+    executor: str | None = None
+
+    @property
+    def job_text(self) -> str:
+        """The job column: a SLURM job id as squeue shows it; a local run's process id said as
+        one (a bare number reads like a job id)."""
+        if self.job_id is None:
+            return ""
+        return f"local pid {self.job_id}" if self.executor == "local" else self.job_id
 
 
 def scheduler_states() -> dict[str, str] | None:
@@ -158,6 +167,7 @@ def run_status(
         eta_s=eta,
         job_id=str(submissions[-1].get("job_id")) if submissions else None,
         error=state.get("error") if state_name == FAILED else None,
+        executor=submissions[-1].get("executor") if submissions else None,
     )
 
 
@@ -231,7 +241,7 @@ def status_table(
         if plan is not None:
             table.add_row(*cells, plan.get(s.run_id, ""), epoch)
         else:
-            table.add_row(*cells, epoch, loss, _fmt_eta(s.eta_s), s.job_id or "")
+            table.add_row(*cells, epoch, loss, _fmt_eta(s.eta_s), s.job_text)
     counts = Counter(s.state for s in statuses)
     table.caption = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     return table
