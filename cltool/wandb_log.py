@@ -278,8 +278,8 @@ def sync_offline(path: Path, timeout: float = 600.0, echo: Echo = _stderr) -> in
     if not path.exists():
         raise InputError(f"{path}: no such folder")
     pending = unsynced_runs(path)
-    if pending and not has_api_key():
-        raise InputError(
+    if pending and not has_api_key():  # the upload fails (1), as without network
+        raise CLToolError(
             f"cannot sync {pending[0]}: no W&B API key; run `wandb login` (or set "
             f"WANDB_API_KEY) on a machine with network, then `cl sync {path}`"
         )

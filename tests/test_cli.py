@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cltool.cli import app
 from cltool.cli_common import SLURM_FLAGS
+from cltool.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A PATH with this interpreter and no SLURM client on it.
@@ -86,7 +87,7 @@ def test_missing_dataset_root_is_one_line_and_writes_nothing(tmp_path: Path) -> 
     recipe = tmp_path / "folder.toml"
     recipe.write_text(f"[data]\ndataset = 'imagefolder'\nroot = '{tmp_path / 'absent'}'\n")
     result = cl("run", str(recipe), "--out", str(tmp_path / "runs"), cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2  # a missing folder is bad input
     assert str(tmp_path / "absent") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -161,6 +162,14 @@ def test_run_and_sweep_offer_the_same_slurm_flags() -> None:
     for name in ("run", "sweep"):
         params = {p.name for p in commands[name].params}
         assert {*SLURM_FLAGS, "dry_run"} <= params, name
+
+
+def test_local_dry_run_says_where_the_run_would_train_and_writes_nothing(tmp_path: Path) -> None:
+    result = invoke("run", MOCO, "--dry-run", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    fingerprint = load_recipe(MOCO).fingerprint
+    assert f"would train in {tmp_path / 'runs' / 'moco' / fingerprint}" in result.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_slurm_dry_run_prints_the_job_script_and_writes_nothing(tmp_path: Path) -> None:
