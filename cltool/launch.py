@@ -328,7 +328,8 @@ def render_sbatch(folder: Path, job_name: str, options: SlurmOptions, count: int
 
 def array_table(runs: list[PlannedRun], swept_keys: tuple[str, ...]) -> Table:
     """Which array task trains which run (``$SLURM_ARRAY_TASK_ID`` -> run id -> swept values),
-    in the order :func:`submit_slurm` submits them."""
+    in the order :func:`submit_slurm` submits them; like the dry run's script, one array (a sweep
+    above the cluster's MaxArraySize is split, and each array's indices start at 0)."""
     table = Table(title="array index -> run", title_justify="left")
     table.add_column("index", justify="right")
     table.add_column("run", no_wrap=True)
