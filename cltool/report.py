@@ -643,7 +643,7 @@ def _collect_curves(report: Report) -> dict[str, tuple[list, list]]:
             loss, knn, bad = read_curves(RunDir(run.path).metrics)
             if bad:
                 report.skipped.append(
-                    f"run {run.path}: metrics.jsonl: skipped {bad} unreadable line(s)"
+                    f"run {run.path}: metrics.jsonl: skipped {plural(bad, 'unreadable line')}"
                 )
             losses += [loss] if loss else []
             knns += [knn] if knn else []

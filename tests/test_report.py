@@ -185,7 +185,7 @@ def test_plot_and_html(runs: Path, tmp_path: Path) -> None:
     rep = report.build_report(report.load_runs(runs))
     png = report.render_plots(rep)
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
-    assert f"run {victim}: metrics.jsonl: skipped 1 unreadable line(s)" in rep.skipped
+    assert f"run {victim}: metrics.jsonl: skipped 1 unreadable line" in rep.skipped
     page = report.to_html(rep, png)
     assert "data:image/png;base64," in page and "<td>0.99</td>" in page
 
