@@ -1,25 +1,37 @@
 """The ``cl`` command: a thin face over the library functions that tests call directly.
 
-Every user error ends as one line on stderr and a non-zero exit code (2 for bad input, 1 for a
-failed run, 130 for an interrupted one), never as a traceback.
+Every user error ends as one line on stderr and a non-zero exit code (the rule is in
+:mod:`cltool.errors`: 2 for bad input, 1 for a failed run, 130 for an interrupted one), never as
+a traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.rich_utils
+from rich.markup import escape
 from rich.table import Table
 
 from cltool import __version__
+from cltool.cli_common import (
+    EXECUTORS,
+    SLURM_PANEL,
+    choose,
+    one_line_errors,
+    print_job_script,
+    slurm_flags,
+    stop_announcer,
+)
 from cltool.display import RunConsole
 from cltool.errors import CLToolError
+from cltool.slurm_options import SlurmOptions
+from cltool.text import plural
 
 if TYPE_CHECKING:
     from cltool.recipe import Recipe
@@ -42,23 +54,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = RunConsole()
-error_console = RunConsole(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def one_line_errors(command: F) -> F:
-    """Turn CLToolError into ``error: <message>`` and its exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CLToolError as err:
-            error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def version_callback(value: bool) -> None:
@@ -77,14 +72,6 @@ def main(
     ] = False,
 ) -> None:
     """Run, sweep and compare contrastive-learning experiments from TOML recipes."""
-
-
-def announce_stop(signum: int) -> None:
-    import signal
-
-    name = signal.Signals(signum).name
-    again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
-    error_console.print(f"{name}: stopping after this step{again}", highlight=False)
 
 
 def summary_table(title: str, summary: dict[str, Any]) -> Table:
@@ -108,7 +95,8 @@ def summary_table(title: str, summary: dict[str, Any]) -> Table:
 
 
 @app.command()
-@one_line_errors
+@one_line_errors()
+@slurm_flags
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)],
     set_: Annotated[
@@ -143,11 +131,15 @@ def run(
             help="local, or slurm: submit the run as one SLURM job (through submitit) and return."
         ),
     ] = "local",
-    nodes: Annotated[int, typer.Option(min=1, help="SLURM nodes of the run.")] = 1,
-    gpus_per_node: Annotated[
-        int,
-        typer.Option(min=0, help="SLURM GPUs per node; one rank per GPU (else --nproc ranks)."),
-    ] = 0,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="SLURM nodes of the run (default 1).", rich_help_panel=SLURM_PANEL
+        ),
+    ] = None,
+    *,
+    slurm: SlurmOptions,
+    dry_run: bool,
 ) -> None:
     """Train one recipe, evaluate it and print a summary.
 
@@ -165,22 +157,32 @@ def run(
 
         cl run recipes/moco.toml --nproc 2
 
-        cl run recipes/moco.toml --executor slurm --nodes 2 --gpus-per-node 4
+        cl run recipes/cifar10/mocov2.toml --executor slurm --nodes 2 --gpus-per-node 4
+        --partition gpu --time 8:00:00 --dry-run
     """
-    from cltool.cli_sweep import EXECUTORS, choose
-    from cltool.recipe import load_recipe
+    from cltool.recipe import load_recipe, read_toml
     from cltool.track import RunDir
 
     overrides = list(set_ or [])
     if wandb is not None:
         overrides.append(f"wandb.enabled={'true' if wandb else 'false'}")
     loaded = load_recipe(recipe, overrides)
-    if choose(executor, EXECUTORS, "--executor") == "slurm":
-        submit_to_slurm(loaded, out, nodes, gpus_per_node or nproc, gpus_per_node, force=force)
-        return
     run_dir = RunDir.for_run(out, loaded.name, loaded.fingerprint)
+    if choose(executor, EXECUTORS, "--executor") == "slurm":
+        table = SlurmOptions.from_table(read_toml(recipe).get("slurm", {}), str(recipe))
+        options = table.overridden_by(replace(slurm, nodes=nodes))
+        submit_to_slurm(loaded, out, options, nproc, force=force, dry_run=dry_run)
+        return
+    if dry_run:
+        console.print(
+            f"dry run: nothing run; run {loaded.fingerprint} would train in {run_dir.path}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     if run_dir.is_done() and not force:  # answered at once: nothing heavy is imported
         if wandb:
+            from cltool.cli_common import error_console
             from cltool.wandb_log import log_finished_run
 
             log_finished_run(loaded, run_dir, echo=lambda line: error_console.print(line))
@@ -224,30 +226,51 @@ def run_stoppable(recipe: Recipe, out: Path, *, force: bool, quiet: bool) -> Run
     from cltool.run import run_recipe
     from cltool.signals import StopFlag
 
-    stop = StopFlag(announce_stop).install()
+    stop = StopFlag(stop_announcer(console)).install()
     return run_recipe(recipe, out, force=force, quiet=quiet, console=console, should_stop=stop)
 
 
 def submit_to_slurm(
-    recipe: Recipe, out: Path, nodes: int, tasks_per_node: int, gpus_per_node: int, *, force: bool
+    recipe: Recipe, out: Path, options: SlurmOptions, nproc: int, *, force: bool, dry_run: bool
 ) -> None:
-    """Submit one run of ``nodes * tasks_per_node`` ranks; ``cl status``-style checking is by
-    its run folder."""
-    from cltool.launch import SlurmOptions, submit_run
+    """Submit one run as one SLURM job of ``nodes`` x ranks per node (``ntasks_per_node``, else
+    one per GPU, else ``--nproc``), or with ``dry_run`` print its job script; its run folder
+    tells how it goes."""
+    from cltool import launch
     from cltool.recipe import check_world_size
     from cltool.run import prepare_run_dir
     from cltool.track import RunDir
 
-    check_world_size(recipe, nodes * tasks_per_node)
+    nodes = options.nodes or 1
+    tasks = options.ntasks_per_node or options.gpus_per_node or nproc
+    options = replace(options, nodes=nodes, ntasks_per_node=tasks)
+    check_world_size(recipe, nodes * tasks)
+    options.submitit_parameters("check")  # a bad --time fails here, before anything
+    run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+    if dry_run:
+        script = launch.render_sbatch(
+            run_dir.path / "slurm", f"cl-{recipe.fingerprint}", options, 1
+        )
+        print_job_script(
+            console, script, f"{plural(nodes, 'node')} x {plural(tasks, 'task')}", options
+        )
+        console.print(
+            f"dry run: nothing submitted; run {recipe.fingerprint} would train in {run_dir.path}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    launch.require_sbatch()
     if force:
-        run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
         refuse_if_held(run_dir)
         prepare_run_dir(run_dir, recipe, force=True)
-    options = SlurmOptions(
-        nodes=nodes, gpus_per_node=gpus_per_node or None, ntasks_per_node=tasks_per_node
+    job_id = launch.submit_run(recipe, out, options)
+    console.print(
+        f"submitted job {job_id}: {plural(nodes, 'node')} x {plural(tasks, 'task')}; "
+        f"its run folder: {run_dir.path}",
+        highlight=False,
+        soft_wrap=True,
     )
-    job_id = submit_run(recipe, out, options)
-    console.print(f"submitted job {job_id}: {nodes} node(s) x {tasks_per_node} task(s)")
 
 
 def run_local_ranks(
@@ -268,7 +291,9 @@ def run_local_ranks(
     check_compile(recipe, device)
     run_dir = RunDir.for_run(Path(out), recipe.name, recipe.fingerprint)
     refuse_if_held(run_dir)  # before starting ranks; rank 0 still takes the lock itself
-    signum = launch_local(nproc, run_rank, recipe, out, force, quiet, announce_stop=announce_stop)
+    signum = launch_local(
+        nproc, run_rank, recipe, out, force, quiet, announce_stop=stop_announcer(console)
+    )
     if not run_dir.is_done():
         raise Interrupted(signum or signal.SIGINT)
     return RunOutcome(run_dir, run_dir.summary(), DONE)
@@ -286,12 +311,15 @@ def refuse_if_held(run_dir: RunDir) -> None:
 
 @app.command()
 def keys() -> None:
-    """List every recipe key with its default and allowed values."""
+    """List every recipe key with its default and allowed values, then the `[sweep]` and
+    `[slurm]` tables that `cl sweep` and `cl run --executor slurm` read from a recipe file."""
     from cltool.recipe import describe_keys
+    from cltool.slurm_options import describe_slurm_keys
+    from cltool.sweep import describe_sweep_keys
 
     table = Table("key", "default", "meaning")
-    for key, default, doc in describe_keys():
-        table.add_row(key, default, doc)
+    for key, default, doc in describe_keys() + describe_sweep_keys() + describe_slurm_keys():
+        table.add_row(key, escape(default), escape(doc))  # docs hold [...], not markup
     console.print(table)
 
 

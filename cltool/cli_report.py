@@ -1,8 +1,9 @@
 """The ``cl report`` and ``cl sync`` commands, registered on the main Typer app by ``cli.py``.
 
-Only Typer is imported at module level: the report path loads :mod:`cltool.report` (no torch,
-no wandb) when it runs, and wandb is imported only by ``--wandb`` and ``cl sync``, so that
-``cl --help`` and ``cl report`` stay fast. Errors are one line on stderr and a non-zero exit.
+Only Typer, rich and the shared CLI helpers are imported at module level: the report path loads
+:mod:`cltool.report` (no torch, no wandb) when it runs, and wandb is imported only by
+``--wandb`` and ``cl sync``, so that ``cl --help`` and ``cl report`` stay fast. Errors are one
+line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cltool.errors import CLToolError
+from cltool.cli_common import one_line_errors
+from cltool.errors import InputError
+from cltool.text import plural
 
 if TYPE_CHECKING:
     from cltool.report import Report
@@ -60,11 +63,7 @@ Examples:
 """
 
 
-def _fail(err: CLToolError) -> typer.Exit:
-    print(f"error: {err}", file=sys.stderr)
-    return typer.Exit(err.exit_code)
-
-
+@one_line_errors()
 def report_command(
     path: Annotated[
         Path, typer.Argument(help="sweep folder, or any folder searched for run folders")
@@ -107,29 +106,26 @@ def report_command(
 ) -> None:
     from cltool import report
 
-    try:
-        if plot:
-            from cltool.report.figures import plot_format
+    if plot:
+        from cltool.report.figures import plot_format
 
-            plot_format(plot)  # a bad suffix fails before any run is read
-        if wandb_path:
-            loaded = report.load_wandb(wandb_path, group)
-        elif group:
-            raise CLToolError("--group needs --wandb ENTITY/PROJECT")
-        else:
-            loaded = report.load_runs(path)
-        for line in loaded.skipped:
+        plot_format(plot)  # a bad suffix fails before any run is read
+    if wandb_path:
+        loaded = report.load_wandb(wandb_path, group)
+    elif group:
+        raise InputError("--group needs --wandb ENTITY/PROJECT")
+    else:
+        loaded = report.load_runs(path)
+    for line in loaded.skipped:
+        print(line, file=sys.stderr)
+    result = report.build_report(loaded, metric, group_by)
+    for line in result.notes:
+        print(f"note: {line}", file=sys.stderr)
+    if plot or html_page:
+        _figures(result, plot, html_page)
+        for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
             print(line, file=sys.stderr)
-        result = report.build_report(loaded, metric, group_by)
-        for line in result.notes:
-            print(f"note: {line}", file=sys.stderr)
-        if plot or html_page:
-            _figures(result, plot, html_page)
-            for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
-                print(line, file=sys.stderr)
-        _emit(result, fmt, output, runs)
-    except CLToolError as err:
-        raise _fail(err) from None
+    _emit(result, fmt, output, runs)
 
 
 def _figures(result: Report, plot: Path | None, html_page: Path | None) -> None:
@@ -145,11 +141,13 @@ def _figures(result: Report, plot: Path | None, html_page: Path | None) -> None:
 
 
 def _write(path: Path, data: bytes) -> None:
+    """Write one output file and say so on stderr (stdout may be the table, piped on)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     except OSError as err:
-        raise CLToolError(f"{path}: cannot write ({err.strerror})") from None
+        raise InputError(f"{path}: cannot write ({err.strerror})") from None
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _emit(result: Report, fmt: Format, output: Path | None, runs: bool) -> None:
@@ -175,6 +173,7 @@ def _emit(result: Report, fmt: Format, output: Path | None, runs: bool) -> None:
         _write(output, text.encode())
 
 
+@one_line_errors()
 def sync_command(
     path: Annotated[Path, typer.Argument(help="folder searched for offline W&B runs")] = Path(
         "runs"
@@ -185,11 +184,8 @@ def sync_command(
 ) -> None:
     from cltool import wandb_log
 
-    try:
-        synced = wandb_log.sync_offline(path, timeout=timeout, echo=lambda s: print(s))
-    except CLToolError as err:
-        raise _fail(err) from None
-    print(f"synced {synced} offline run(s)" if synced else f"{path}: nothing to sync")
+    synced = wandb_log.sync_offline(path, timeout=timeout, echo=lambda s: print(s))
+    print(f"synced {plural(synced, 'offline run')}" if synced else f"{path}: nothing to sync")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,42 +7,37 @@ once, and training is imported only by the executor that trains.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.live import Live
 
+from cltool.cli_common import (
+    EXECUTORS,
+    SLURM_PANEL,
+    choose,
+    one_line_errors,
+    print_job_script,
+    slurm_flags,
+    stop_announcer,
+)
 from cltool.display import RunConsole
-from cltool.errors import CLToolError, RecipeError
+from cltool.errors import CLToolError, InputError
+from cltool.signals import StopFlag
+from cltool.slurm_options import SlurmOptions
+from cltool.text import plural
 
 console = RunConsole()
-error_console = RunConsole(stderr=True)
 
-EXECUTORS = ("local", "slurm")
 FORMATS = ("table", "json")
 
 
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """A CLToolError becomes ``error: <message>`` on stderr and its exit code."""
-    try:
-        yield
-    except CLToolError as err:
-        error_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(err.exit_code) from None
-
-
-def choose(value: str, allowed: tuple[str, ...], flag: str) -> str:
-    if value not in allowed:
-        raise RecipeError(f"{flag} {value}: choose one of {', '.join(allowed)}")
-    return value
-
-
+@one_line_errors()
+@slurm_flags
 def sweep_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (may hold [sweep], [slurm]).")],
     param: Annotated[
@@ -70,27 +65,17 @@ def sweep_command(
     ),
     executor: Annotated[str, typer.Option("--executor", "-e", help="local or slurm.")] = "local",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Local runs at a time.")] = 1,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan (and job script); run nothing.")] = (
-        False
-    ),
     retry_failed: Annotated[bool, typer.Option(help="Also resubmit runs that failed.")] = False,
-    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
-    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per task.")] = None,
-    cpus_per_task: Annotated[int | None, typer.Option(help="CPUs per task.")] = None,
-    mem_gb: Annotated[float | None, typer.Option(help="Memory per task, GB.")] = None,
-    time_: Annotated[
-        str | None, typer.Option("--time", help="Time limit per task, e.g. 4:00:00 (default 1h).")
-    ] = None,
-    account: Annotated[str | None, typer.Option(help="SLURM account.")] = None,
-    qos: Annotated[str | None, typer.Option(help="SLURM QoS.")] = None,
-    constraint: Annotated[str | None, typer.Option(help="SLURM node constraint.")] = None,
     array_parallelism: Annotated[
-        int | None, typer.Option(help="At most this many array tasks at once (%N throttle).")
+        int | None,
+        typer.Option(
+            help="At most this many array tasks at once (%N throttle).",
+            rich_help_panel=SLURM_PANEL,
+        ),
     ] = None,
-    sbatch: Annotated[
-        list[str] | None,
-        typer.Option(help="Extra sbatch option `KEY=VALUE` (e.g. `exclude=node3`). Repeatable."),
-    ] = None,
+    *,
+    slurm: SlurmOptions,
+    dry_run: bool,
 ) -> None:
     """Expand a recipe into a grid of runs and train them here or on SLURM.
 
@@ -111,82 +96,85 @@ def sweep_command(
     from cltool.status import status_table
     from cltool.sweep import compile_sweep, write_sweep
 
-    with one_line_errors():
-        choose(executor, EXECUTORS, "--executor")
-        if jobs < 1:
-            raise RecipeError(f"--jobs {jobs}: needs at least 1")
-        sweep = compile_sweep(
-            recipe,
-            params=param or [],
-            zips=zip_ or [],
-            seeds=seeds,
-            overrides=[parse_assignment(item) for item in set_ or []],
-        )
-        options = None
-        if executor == "slurm":
-            extra = dict(_split_option(item) for item in sbatch or [])
-            flags = launch.SlurmOptions(
-                partition, gpus_per_node, cpus_per_task, mem_gb, time_, account, qos,
-                constraint, array_parallelism, extra,
-            )  # fmt: skip
-            options = launch.SlurmOptions.from_table(sweep.slurm, str(recipe)).overridden_by(flags)
-            options.submitit_parameters("check")  # a bad --time fails here, before anything
-        plan = launch.make_plan(sweep, out, retry_failed)
-        todo = plan.to_submit(sweep)
-        folder = sweep.folder(out)
-        if dry_run:
-            title = f"sweep {sweep.sweep_id}: {len(sweep.runs)} runs, {len(todo)} to submit"
-            console.print(status_table(plan.statuses, list(sweep.swept_keys), title, plan.actions))
-            if options is not None and todo:
-                console.print(f"\n# job script ({executor}, {len(todo)} tasks):", highlight=False)
-                print(launch.render_sbatch(sweep, out, options, len(todo)))
-            console.print(
-                f"dry run: nothing submitted; sweep folder would be {folder}", soft_wrap=True
+    choose(executor, EXECUTORS, "--executor")
+    if jobs < 1:
+        raise InputError(f"--jobs {jobs}: needs at least 1")
+    sweep = compile_sweep(
+        recipe,
+        params=param or [],
+        zips=zip_ or [],
+        seeds=seeds,
+        overrides=[parse_assignment(item) for item in set_ or []],
+    )
+    options = None
+    if executor == "slurm":
+        flags = replace(slurm, array_parallelism=array_parallelism)
+        options = SlurmOptions.from_table(sweep.slurm, str(recipe)).overridden_by(flags)
+        options.submitit_parameters("check")  # a bad --time fails here, before anything
+        if not dry_run:
+            launch.require_sbatch()
+    plan = launch.make_plan(sweep, out, retry_failed)
+    todo = plan.to_submit(sweep)
+    folder = sweep.folder(out)
+    runs = plural(len(sweep.runs), "run")
+    if dry_run:
+        title = f"sweep {sweep.sweep_id}: {runs}, {len(todo)} to submit"
+        console.print(status_table(plan.statuses, list(sweep.swept_keys), title, plan.actions))
+        if options is not None and todo:
+            script = launch.render_sbatch(
+                launch.slurm_folder(sweep, out), f"cl-{sweep.sweep_id}", options, len(todo)
             )
+            print_job_script(console, script, f"array of {plural(len(todo), 'task')}", options)
+            console.print(launch.array_table(todo, sweep.swept_keys))
+        console.print(f"dry run: nothing submitted; sweep folder would be {folder}", soft_wrap=True)
+        return
+    if not todo:
+        kept = [s for s in plan.statuses if plan.actions[s.run_id] != "skip: done"]
+        if not kept:
+            console.print(f"sweep {sweep.sweep_id}: all {runs} done ({folder})", highlight=False)
+            _print_next_steps(folder)
             return
-        if not todo:
-            kept = [s for s in plan.statuses if plan.actions[s.run_id] != "skip: done"]
-            if not kept:
-                console.print(f"sweep {sweep.sweep_id}: all {len(sweep.runs)} runs done ({folder})")
-                return
-            console.print(
-                f"sweep {sweep.sweep_id}: nothing to submit; "
-                + ", ".join(f"{s.run_id} {s.state}" for s in kept)
-                + ("" if retry_failed else " (--retry-failed resubmits failed runs)"),
-                highlight=False,
-            )
-            return
-        write_sweep(sweep, out)
         console.print(
-            f"sweep {sweep.sweep_id}: {len(sweep.runs)} runs, submitting {len(todo)} "
-            f"({executor}); cl status {folder}",
+            f"sweep {sweep.sweep_id}: nothing to submit; "
+            + ", ".join(f"{s.run_id} {s.state}" for s in kept)
+            + ("" if retry_failed else " (--retry-failed resubmits failed runs)"),
             highlight=False,
-            soft_wrap=True,
         )
-        if options is not None:
-            arrays = launch.submit_slurm(sweep, todo, out, options)
-            console.print(f"submitted job array {', '.join(arrays)} ({len(todo)} tasks)")
-            return
-        if jobs > 1:
-            results = launch.run_parallel(sweep, todo, out, jobs, console)
-        else:
-            from cltool.cli import announce_stop
-            from cltool.signals import StopFlag
+        return
+    write_sweep(sweep, out)
+    console.print(
+        f"sweep {sweep.sweep_id}: {runs}, submitting {len(todo)} ({executor}); cl status {folder}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if options is not None:
+        arrays = launch.submit_slurm(sweep, todo, out, options)
+        console.print(
+            f"submitted job array {', '.join(arrays)} ({plural(len(todo), 'task')})",
+            highlight=False,
+        )
+        _print_next_steps(folder)
+        return
+    if jobs > 1:
+        results = launch.run_parallel(sweep, todo, out, jobs, console)
+    else:
+        stop = StopFlag(stop_announcer(console)).install()
+        results = launch.run_serial(sweep, todo, out, console, should_stop=stop)
+    failed = [run_id for run_id, status in results.items() if status != "done"]
+    if failed:
+        raise CLToolError(
+            f"{len(failed)} of {plural(len(todo), 'run')} did not finish: cl status {folder}"
+        )
+    _print_next_steps(folder)
 
-            stop = StopFlag(announce_stop).install()
-            results = launch.run_serial(sweep, todo, out, console, should_stop=stop)
-        failed = [run_id for run_id, status in results.items() if status != "done"]
-        if failed:
-            raise CLToolError(
-                f"{len(failed)} of {len(todo)} runs did not finish: cl status {folder}"
-            )
 
-
-def _split_option(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--sbatch {text!r}: expected KEY=VALUE, e.g. --sbatch exclude=node3")
-    return key.strip(), value.strip()
+def _print_next_steps(folder: Path) -> None:
+    """Where a sweep's results are read: the commands, with this sweep's folder filled in."""
+    console.print(
+        f"next: cl status {folder} (states), cl report {folder} (results)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def status_command(

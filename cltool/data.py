@@ -15,6 +15,7 @@ whether contrastive pre-training learned anything beyond pixel overlap.
 from __future__ import annotations
 
 import math
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cltool.errors import CLToolError
+from cltool.errors import InputError
 from cltool.recipe import DataConfig
 
 
@@ -60,7 +61,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         "imagefolder": _load_imagefolder,
     }
     if cfg.dataset not in loaders:
-        raise CLToolError(
+        raise InputError(
             f"data.dataset = {cfg.dataset!r} is unknown: choose one of {', '.join(loaders)}"
         )
     train_x, train_y, test_x, test_y, num_classes = loaders[cfg.dataset](cfg)
@@ -327,33 +328,68 @@ def _load_torchvision(cfg: DataConfig) -> _Splits:
 
 
 def _open_torchvision(cfg: DataConfig, train: bool) -> Dataset:
-    """Construct the torchvision data set, turning every way it can fail into one line."""
+    """Construct the torchvision data set, turning every way it can fail into one line.
+
+    A failed download leaves nothing behind: torchvision creates ``data.root`` (and a partial
+    archive) before it finds there is no network, and an empty ``data/`` folder in the user's
+    working directory would only suggest the data were there.
+    """
     from torchvision import datasets
 
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}[
+        cfg.dataset
+    ]
     kwargs = {"root": cfg.root, "download": cfg.download}
+    with _removing_what_fails_leaves(Path(cfg.root)):
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                if cfg.dataset == "stl10":
+                    return cls(split="train" if train else "test", **kwargs)
+                return cls(train=train, **kwargs)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError
+            raise InputError(_missing_message(cfg, cls, err)) from None
+
+
+@contextmanager
+def _removing_what_fails_leaves(root: Path) -> Iterator[None]:
+    """On an exception, remove what appeared under ``root`` meanwhile: the folders created for
+    it (up to the first one that existed) or the new entries of an existing one."""
+    created = root
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    existed = root.exists()
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            if cfg.dataset == "stl10":
-                return datasets.STL10(split="train" if train else "test", **kwargs)
-            cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
-            return cls(train=train, **kwargs)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise CLToolError(_missing_message(cfg, err)) from None
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(created, ignore_errors=True)
+        elif root.is_dir():
+            for entry in set(root.iterdir()) - before:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
 
 
-def _missing_message(cfg: DataConfig, err: Exception) -> str:
-    """One line: which set, where it was looked for, what went wrong, and the fix."""
+def _missing_message(cfg: DataConfig, cls: type, err: Exception) -> str:
+    """One line: which set, where it was looked for, what went wrong, and the fix: which
+    archive to fetch from where, and the folder to put it (or its unpacked folder) in."""
     folder = cfg.root.rstrip("/") + "/"
     where = f"{cfg.dataset}: not found under {folder}"
+    archive = f"{cls.filename} (from {cls.url})"
     if not cfg.download:
         return (
-            f"{where} and data.download = false: set data.download = true, or set data.root "
-            "to where it is"
+            f"{where} and data.download = false: unpack {archive} into {folder} so that "
+            f"{folder}{cls.base_folder}/ exists, set data.download = true, or set data.root to "
+            "where it is"
         )
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     return (
-        f"{where} and the download failed (no network? {reason}): download it on a machine "
-        f"with network into {folder}, or set data.root to where it is"
+        f"{where} and the download failed (no network? {reason}): on a machine with network "
+        f"get {archive} and put it in {folder} (a run unpacks it into {folder}"
+        f"{cls.base_folder}/), or set data.root to where it is"
     )
 
 
@@ -386,7 +422,7 @@ def _load_imagefolder(cfg: DataConfig) -> _Splits:
     """Every image under ``cfg.root`` as RGB, with labels from the sorted class folder names."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: {root}/ is not a folder: set data.root to a folder of class folders"
         )
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -403,7 +439,7 @@ def _load_imagefolder(cfg: DataConfig) -> _Splits:
 def _class_names(folder: Path) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: {folder}/ has no class folders: put each class's images in "
             f"{folder}/<class name>/"
         )
@@ -419,7 +455,7 @@ def _read_images(folder: Path, classes: list[str], size: int) -> tuple[torch.Ten
                 images.append(_read_image(path, size))
                 labels.append(label)
     if not images:
-        raise CLToolError(
+        raise InputError(
             f"imagefolder: no images under {folder}/ (looked for "
             f"{', '.join(sorted(IMAGE_SUFFIXES))} in its class folders)"
         )
@@ -434,5 +470,5 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, UnidentifiedImageError) as err:
-        raise CLToolError(f"imagefolder: cannot read {path}: {err}") from None
+        raise InputError(f"imagefolder: cannot read {path}: {err}") from None
     return np.asarray(rgb).transpose(2, 0, 1).copy()

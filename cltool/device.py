@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from cltool.errors import CLToolError, RecipeError
+from cltool.errors import InputError, RecipeError
 from cltool.nets import Encoder
 from cltool.recipe import Recipe
 
@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLToolError(f"train.device = {name!r}: no CUDA device here; set train.device = 'cpu'")
+        raise InputError(f"train.device = {name!r}: no CUDA device here; set train.device = 'cpu'")
     return device
 
 

@@ -3,14 +3,18 @@
 SLURM log files and pipes get one plain line per epoch (no control codes); ``--quiet`` shows
 nothing but errors. Every line also goes to the run's ``train.log``, so a reader that goes away
 (``cl run ... | head -1``, a terminal hung up by an SSH disconnect) costs nothing but the
-screen: output then goes to ``/dev/null`` and training carries on (:class:`RunConsole`).
+screen: output then goes to ``/dev/null`` and training carries on (:class:`RunConsole`). The
+phases without steps (baselines before training, evaluation after) show a spinner with what is
+being computed on a terminal, so that a bar standing still at 0 is never all there is to see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +90,22 @@ class Display:
         if not self.quiet:
             self.console.print(text, highlight=False, soft_wrap=True)
 
-    def start(self, total_steps: int, done_steps: int) -> None:
+    @contextlib.contextmanager
+    def phase(self, text: str) -> Iterator[None]:
+        """A stretch of work without steps: a spinner with ``text`` on a terminal while it runs,
+        one plain line elsewhere (and in ``train.log``)."""
+        self._log(text)
+        if not self.live:
+            if not self.quiet:
+                self.console.print(text, highlight=False)
+            yield
+            return
+        with self.console.status(text, spinner="dots"):
+            yield
+        self.console.print(f"{text}: done", highlight=False)
+
+    def start(self, total_steps: int, done_steps: int, epoch: int) -> None:
+        """Show the bar from ``done_steps`` on, in (0-based) ``epoch``."""
         if not self.live:
             return
         self.progress = Progress(
@@ -102,7 +121,7 @@ class Display:
         )
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=total_steps, completed=done_steps, epoch="-", loss="-", rate="-"
+            "train", total=total_steps, completed=done_steps, epoch=epoch + 1, loss="-", rate="-"
         )
 
     def update(self, global_step: int, epoch: int, record: dict[str, Any]) -> None:
@@ -116,10 +135,11 @@ class Display:
             )
 
     def epoch_end(self, epoch: int, epochs: int, record: dict[str, Any]) -> None:
-        line = (
-            f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  "
-            f"{record['imgs_per_s']:.0f} img/s"
-        )
+        """The epoch's line; without a rate when this process ran none of its steps (a run
+        resumed from a checkpoint written at the epoch's last step)."""
+        line = f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}"
+        if "imgs_per_s" in record:
+            line += f"  {record['imgs_per_s']:.0f} img/s"
         if "knn_top1" in record:
             line += f"  kNN {record['knn_top1']:.1f}%"
         self._log(line)

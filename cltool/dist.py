@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, InputError
 from cltool.signals import STOP_SIGNALS, ForwardToRanks
 
 #: Seconds a collective may wait for the other ranks; it also bounds how long the other ranks
@@ -78,7 +78,7 @@ def init_from_env(device: torch.device) -> bool:
         return is_distributed()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise CLToolError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: launch with --nproc")
+        raise InputError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: launch with --nproc")
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":

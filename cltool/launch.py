@@ -20,22 +20,25 @@ import io
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
-from cltool.errors import CLToolError, RecipeError
-from cltool.recipe import Recipe
+from cltool.errors import CLToolError, InputError
+from cltool.recipe import Recipe, short_key
 from cltool.runstate import ACTIVE, run_state
-from cltool.status import RunStatus, collect, short_key
+from cltool.slurm_options import SlurmOptions
+from cltool.status import RunStatus, collect, format_value
 from cltool.sweep import RECIPES, PlannedRun, Sweep, record_submissions, run_entries
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
@@ -204,7 +207,7 @@ def run_serial(
     results: dict[str, str] = {}
     for i, run in enumerate(runs, 1):
         record_submissions(folder, {run.run_id: _local_submission(os.getpid())})
-        label = f"[{i}/{len(runs)}] {run.run_id} {_params_text(run.params)}"
+        label = _run_label(i, len(runs), run)
         with console.status(f"{label}: training", spinner="dots"):
             try:
                 results[run.run_id] = run_in_process(run, out, sweep.sweep_id, should_stop)
@@ -224,11 +227,12 @@ def run_parallel(
     folder = sweep.folder(out)
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    waiting, active, results = list(runs), {}, {}
+    waiting = [(_run_label(i, len(runs), run), run) for i, run in enumerate(runs, 1)]
+    active, results = {}, {}
     try:
         while waiting or active:
             while waiting and len(active) < jobs:
-                run = waiting.pop(0)
+                label, run = waiting.pop(0)
                 log = logs / f"{run.run_id}.log"
                 with log.open("ab") as handle:
                     process = subprocess.Popen(
@@ -237,21 +241,18 @@ def run_parallel(
                         stderr=subprocess.STDOUT,
                     )
                 record_submissions(folder, {run.run_id: _local_submission(process.pid)})
-                active[run.run_id] = (run, process, log)
-            for run_id, (run, process, log) in list(active.items()):
+                active[run.run_id] = (label, run, process, log)
+            for run_id, (label, run, process, log) in list(active.items()):
                 if process.poll() is None:
                     continue
                 del active[run_id]
                 results[run_id] = _subprocess_status(run, out, process.returncode, log)
-                console.print(
-                    f"{run_id} {_params_text(run.params)}: {_status_text(results[run_id])}",
-                    highlight=False,
-                )
+                console.print(f"{label}: {_status_text(results[run_id])}", highlight=False)
             time.sleep(0.2)
     except KeyboardInterrupt:
-        for _, process, _ in active.values():
+        for _, _, process, _ in active.values():
             process.send_signal(signal.SIGTERM)  # cl run checkpoints and stops at the next step
-        for _, process, _ in active.values():
+        for _, _, process, _ in active.values():
             process.wait()
         raise CLToolError(
             "sweep interrupted: rerun the same command to resume", exit_code=130
@@ -273,8 +274,11 @@ def _subprocess_status(run: PlannedRun, out: Path, returncode: int, log: Path) -
     return FAILED
 
 
-def _params_text(params: Mapping[str, Any]) -> str:
-    return " ".join(f"{short_key(k)}={v}" for k, v in params.items())
+def _run_label(index: int, count: int, run: PlannedRun) -> str:
+    """``[i/N] <run id> <swept values>``: the same label whether runs go one at a time or
+    ``--jobs`` at a time (then in the order they were started)."""
+    params = " ".join(f"{short_key(k)}={v}" for k, v in run.params.items())
+    return f"[{index}/{count}] {run.run_id} {params}"
 
 
 def _status_text(status: str) -> str:
@@ -284,122 +288,6 @@ def _status_text(status: str) -> str:
 
 
 # -- slurm --------------------------------------------------------------------------------------
-
-
-_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
-
-
-def parse_time(text: str) -> int:
-    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up."""
-    match = _TIME.match(text.strip())
-    if match is None:
-        raise RecipeError(f"slurm time '{text}': use minutes, H:MM:SS or D-HH:MM:SS")
-    d, a, b, c = (int(x) if x is not None else None for x in match.group("d", "a", "b", "c"))
-    if d is not None:  # D-H[:M[:S]]
-        seconds = ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
-        seconds = (a * 60 + b) * 60 + c
-    elif b is not None:  # M:S
-        seconds = a * 60 + b
-    else:  # M
-        seconds = a * 60
-    if seconds <= 0:
-        raise RecipeError(f"slurm time '{text}' must be positive")
-    return -(-seconds // 60)
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """Where and how big each array task is. Flags override the file's ``[slurm]`` table."""
-
-    partition: str | None = None
-    gpus_per_node: int | None = None
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
-    time: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    array_parallelism: int | None = None
-    sbatch: dict[str, str] = field(default_factory=dict)
-    nodes: int | None = None
-    ntasks_per_node: int | None = None  # default: one task (one rank) per GPU
-
-    @classmethod
-    def from_table(cls, table: Mapping[str, Any], where: str) -> SlurmOptions:
-        """Validate a ``[slurm]`` table: same names as the flags, ``sbatch`` a table of extras."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            if key not in known:
-                raise RecipeError(f"{where}: unknown [slurm] key '{key}': use {', '.join(known)}")
-            if key == "sbatch":
-                if not isinstance(value, dict):
-                    raise RecipeError(f"{where}: slurm.sbatch must be a table of sbatch options")
-                value = {str(k): str(v) for k, v in value.items()}
-            elif key in (
-                "nodes",
-                "gpus_per_node",
-                "ntasks_per_node",
-                "cpus_per_task",
-                "array_parallelism",
-            ):
-                least = 0 if key in ("gpus_per_node", "cpus_per_task") else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                    raise RecipeError(
-                        f"{where}: slurm.{key} = {value!r}: need a whole number >= {least}"
-                    )
-            elif key == "mem_gb":
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                    raise RecipeError(
-                        f"{where}: slurm.mem_gb = {value!r} must be a positive number"
-                    )
-            elif not isinstance(value, str):
-                raise RecipeError(f"{where}: slurm.{key} = {value!r} must be a string")
-            values[key] = value
-        options = cls(**values)
-        if options.time is not None:
-            parse_time(options.time)
-        return options
-
-    def overridden_by(self, flags: SlurmOptions) -> SlurmOptions:
-        changes = {
-            f.name: getattr(flags, f.name)
-            for f in fields(flags)
-            if getattr(flags, f.name) not in (None, {})
-        }
-        if "sbatch" in changes:
-            changes["sbatch"] = {**self.sbatch, **changes["sbatch"]}
-        return replace(self, **changes)
-
-    def submitit_parameters(self, job_name: str) -> dict[str, Any]:
-        """Parameters for ``SlurmExecutor.update_parameters`` (submitit's sbatch names).
-
-        Memory goes through ``additional_parameters`` so the same dict renders the dry-run script.
-        """
-        params: dict[str, Any] = {"job_name": job_name, "time": parse_time(self.time or "1:00:00")}
-        tasks = self.ntasks_per_node or (self.gpus_per_node or 0)
-        if tasks > 1:  # a distributed run: each task is a rank, submitit exports its env
-            params["ntasks_per_node"] = tasks
-        for name in (
-            "partition",
-            "nodes",
-            "gpus_per_node",
-            "cpus_per_task",
-            "account",
-            "qos",
-            "constraint",
-            "array_parallelism",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                params[name] = value
-        extra = dict(self.sbatch)
-        if self.mem_gb is not None:
-            extra.setdefault("mem", f"{round(self.mem_gb * 1024)}M")
-        if extra:
-            params["additional_parameters"] = extra
-        return params
 
 
 def max_array_size() -> int:
@@ -422,18 +310,45 @@ def slurm_folder(sweep: Sweep, out: Path) -> Path:
     return sweep.folder(out) / "slurm"
 
 
-def render_sbatch(sweep: Sweep, out: Path, options: SlurmOptions, count: int) -> str:
-    """The job script submitit would submit for an array of ``count`` tasks (for --dry-run)."""
+def require_sbatch() -> None:
+    """Refuse ``--executor slurm`` where SLURM is not installed, before anything is written:
+    submitit would only fail at submission, after the sweep or run folder exists."""
+    if shutil.which("sbatch") is None:
+        raise InputError(
+            "--executor slurm: no `sbatch` on PATH (SLURM is not installed here): run this on a "
+            "SLURM login node, or use --executor local (--dry-run shows the job script anywhere)"
+        )
+
+
+def render_sbatch(folder: Path, job_name: str, options: SlurmOptions, count: int) -> str:
+    """The job script submitit would submit from ``folder``: one job, or an array of ``count``
+    tasks (for --dry-run)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    folder = slurm_folder(sweep, out).resolve()
+    folder = folder.resolve()
     command = (
         f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     )
-    params = options.submitit_parameters(f"cl-{sweep.sweep_id}")
     return _make_sbatch_string(
-        command=command, folder=folder, map_count=count if count > 1 else None, **params
+        command=command,
+        folder=folder,
+        map_count=count if count > 1 else None,
+        **options.submitit_parameters(job_name),
     )
+
+
+def array_table(runs: list[PlannedRun], swept_keys: tuple[str, ...]) -> Table:
+    """Which array task trains which run (``$SLURM_ARRAY_TASK_ID`` -> run id -> swept values),
+    in the order :func:`submit_slurm` submits them; like the dry run's script, one array (a sweep
+    above the cluster's MaxArraySize is split, and each array's indices start at 0)."""
+    table = Table(title="array index -> run", title_justify="left")
+    table.add_column("index", justify="right")
+    table.add_column("run", no_wrap=True)
+    for key in swept_keys:
+        table.add_column(short_key(key), justify="right")
+    for index, run in enumerate(runs):
+        table.add_row(str(index), run.run_id, *(format_value(run.params[k]) for k in swept_keys))
+    return table
 
 
 def _sbatch_message(err: BaseException) -> str:
@@ -448,7 +363,7 @@ def _slurm_executor(folder: Path, options: SlurmOptions, job_name: str) -> Any:
     try:
         executor = submitit.SlurmExecutor(folder=folder)
     except RuntimeError:
-        raise CLToolError("slurm executor: no `srun` here; run on a SLURM login node") from None
+        raise InputError("--executor slurm: no `srun` here; run on a SLURM login node") from None
     executor.update_parameters(**options.submitit_parameters(job_name))
     return executor
 

@@ -23,6 +23,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,11 +76,13 @@ PROBABILITY = Bound(0, 1)
 MOMENTUM = Bound(0, 1, high_inclusive=False)
 
 
-def knob(default: Any, bound: Bound | None = None, doc: str = "") -> Any:
-    """A recipe field with its default, its allowed range and a one-line description."""
+def knob(default: Any, bound: Bound | None = None, doc: str = "", shown: str | None = None) -> Any:
+    """A recipe field with its default, its allowed range and a one-line description; ``shown``
+    is what ``cl keys`` says the default is when the value alone would mislead."""
+    metadata = {"bound": bound, "doc": doc, "shown": shown}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"bound": bound, "doc": doc})
-    return field(default=default, metadata={"bound": bound, "doc": doc})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,11 @@ class WandbConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = knob("run", doc="recipe name; run folders live under runs/<name>/")
+    name: str = knob(
+        "run",
+        doc="recipe name; run folders live under runs/<name>/",
+        shown="the recipe file's name without .toml",
+    )
     method: str = knob("moco", doc=f"one of {', '.join(METHODS)}")
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -287,6 +294,12 @@ SHORT_NAMES: dict[str, str] = {
     "lr": "optim.lr",
 }
 
+
+def short_key(key: str) -> str:
+    """The short name of a dotted key where it has one (tables, hints), else the key."""
+    return next((short for short, full in SHORT_NAMES.items() if full == key), key)
+
+
 #: Extra checks on a key's value beyond its type and range.
 CHOICES: dict[str, tuple[str, ...]] = {"data.dataset": DATASETS, "method": METHODS}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -316,6 +329,11 @@ def _field_type(dotted: str) -> Any:
     return _section_types(cls)[leaf]
 
 
+def expects_number(dotted: str) -> bool:
+    """Whether a key takes an int or a float (so a stray string is a typo, not a value)."""
+    return _field_type(dotted) in (int, float)
+
+
 def canonical_key(key: str, source: str) -> str:
     """Resolve a short name or dotted key, or fail with the closest valid key."""
     key = SHORT_NAMES.get(key, key)
@@ -336,11 +354,23 @@ SYNONYMS: dict[str, str] = {
 }
 
 
+def _close_short_name(key: str) -> str | None:
+    """The short name a dot-less key was probably meant to be: ``t`` -> ``T``, ``epoch`` ->
+    ``epochs``. Short names are too short for the dotted-key matching to find them."""
+    if "." in key:
+        return None
+    by_case = {short.lower(): short for short in SHORT_NAMES}
+    close = difflib.get_close_matches(key, list(SHORT_NAMES), n=1, cutoff=0.7)
+    return by_case.get(key.lower()) or (close[0] if close else None)
+
+
 def _suggest(key: str, valid: dict[str, Any]) -> str:
     section, _, leaf = key.rpartition(".")
     same_section = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
     if synonym := difflib.get_close_matches(leaf.lower(), list(SYNONYMS), n=1, cutoff=0.8):
         best = SYNONYMS[synonym[0]]
+    elif short := _close_short_name(key):
+        return f" (did you mean '{short}', short for '{SHORT_NAMES[short]}'?)"
     elif close := difflib.get_close_matches(leaf, same_section, n=1, cutoff=0.5):
         best = f"{section}.{close[0]}" if section else close[0]
     elif close := difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6):
@@ -368,6 +398,14 @@ def parse_assignment(assignment: str, source: str = "--set") -> tuple[str, Any]:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a one-line RecipeError."""
+    if path.is_dir():
+        found = sorted(path.glob("*.toml")) or sorted(path.rglob("*.toml"))
+        hint = (
+            f"give one of its .toml files, e.g. {', '.join(str(p) for p in found[:3])}"
+            if found
+            else "it holds no .toml file"
+        )
+        raise RecipeError(f"{path}: is a folder, not a recipe file: {hint}")
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file (check the path)")
     try:
@@ -453,8 +491,13 @@ def resolve(
     overrides: list[tuple[str, Any]] | None = None,
     source: str = "recipe",
     default_name: str = "run",
+    override_sources: Mapping[str, str] | None = None,
 ) -> Recipe:
-    """Validate a recipe table plus canonical overrides and build the frozen Recipe."""
+    """Validate a recipe table plus canonical overrides and build the frozen Recipe.
+
+    An error in an override names the flag it came from: ``override_sources`` maps a key to its
+    flag (``--param m=0.9,0.99``); an override not in it came from ``--set``.
+    """
     flat: dict[str, Any] = {}
     for key, value in flatten({k: v for k, v in table.items() if k not in LAUNCH_TABLES}).items():
         if key in SHORT_NAMES:
@@ -464,52 +507,70 @@ def resolve(
             )
         key = canonical_key(key, source)
         flat[key] = _coerce(key, value, source)
+    flags = {key: (override_sources or {}).get(key, "--set") for key, _ in overrides or []}
     for key, value in overrides or []:
-        flat[key] = _coerce(key, value, "--set")
+        flat[key] = _coerce(key, value, flags[key])
     flat.setdefault("name", default_name)
     recipe = _build(Recipe, flat)
-    _check_consistency(recipe, source)
+    _check_consistency(recipe, source, flags)
     return recipe
 
 
-def _check_consistency(recipe: Recipe, source: str) -> None:
-    """Checks that involve more than one key."""
+def _check_consistency(recipe: Recipe, source: str, flags: Mapping[str, str]) -> None:
+    """Checks that involve more than one key. ``flags`` maps the keys given on the command line
+    to their flag: a clash is blamed on the flag that set one of its keys, else on the file."""
+
+    def blame(*keys: str) -> str:
+        return next((flags[key] for key in keys if key in flags), source)
+
     aug = recipe.augment
     if aug.crop_min_scale > aug.crop_max_scale:
         raise RecipeError(
-            f"{source}: augment.crop_min_scale = {aug.crop_min_scale} exceeds "
+            f"{blame('augment.crop_min_scale', 'augment.crop_max_scale')}: "
+            f"augment.crop_min_scale = {aug.crop_min_scale} exceeds "
             f"augment.crop_max_scale = {aug.crop_max_scale}: make min <= max"
         )
     if recipe.mixing.enabled and recipe.dictionary.kind == "in_batch":
         raise RecipeError(
-            f"{source}: mixing.enabled = true needs a dictionary with stored negatives: "
-            'set dictionary.kind = "queue"'
+            f"{blame('mixing.enabled', 'dictionary.kind')}: mixing.enabled = true needs a "
+            'dictionary with stored negatives: set dictionary.kind = "queue"'
         )
     if recipe.mixing.enabled and recipe.method != "moco":
         raise RecipeError(
-            f'{source}: mixing.enabled = true is implemented for method = "moco" only'
+            f"{blame('mixing.enabled', 'method')}: "
+            'mixing.enabled = true is implemented for method = "moco" only'
         )
     flat = flatten(recipe.to_dict())
     for key, allowed in METHOD_SLOTS[recipe.method].items():
-        if flat[key] not in allowed:
-            choices = " or ".join(f'"{a}"' for a in allowed)
+        if flat[key] in allowed:
+            continue
+        choices = " or ".join(f'"{a}"' for a in allowed)
+        clash = f'method = "{recipe.method}" needs {key} = {choices}, not "{flat[key]}"'
+        if key in flags:
+            raise RecipeError(f"{flags[key]}: {clash}: give {key} one of those there")
+        if "method" in flags:
             raise RecipeError(
-                f'{source}: method = "{recipe.method}" needs {key} = {choices}, '
-                f'not "{flat[key]}": set it in the recipe'
+                f"{flags['method']}: {clash} (from {source}): also give --set {key}={allowed[0]}"
             )
+        raise RecipeError(f"{source}: {clash}: set it in the recipe")
     model = recipe.model
     if model.head_layers > 2 and model.head != "mlp":
-        raise RecipeError(f'{source}: model.head_layers > 2 needs model.head = "mlp"')
+        raise RecipeError(
+            f"{blame('model.head_layers', 'model.head')}: "
+            'model.head_layers > 2 needs model.head = "mlp"'
+        )
     if model.eval_head_layers > model.head_layers - 2:
         raise RecipeError(
-            f"{source}: model.eval_head_layers = {model.eval_head_layers} keeps more than the "
+            f"{blame('model.eval_head_layers', 'model.head_layers')}: "
+            f"model.eval_head_layers = {model.eval_head_layers} keeps more than the "
             f"{model.head_layers - 2} hidden head layers that precede the final MLP: raise "
             "model.head_layers or lower model.eval_head_layers"
         )
     spcl = recipe.spcl
     if spcl.distance == "jaccard" and spcl.eps + spcl.eps_delta >= 1:
         raise RecipeError(
-            f"{source}: spcl.eps = {spcl.eps} (+ eps_delta {spcl.eps_delta}) reaches 1, the "
+            f"{blame('spcl.eps', 'spcl.eps_delta', 'spcl.distance')}: spcl.eps = {spcl.eps} "
+            f"(+ eps_delta {spcl.eps_delta}) reaches 1, the "
             "Jaccard distance of images that share no neighbour, so DBSCAN would join them all: "
             "keep spcl.eps + spcl.eps_delta below 1 (the paper: 0.6)"
         )
@@ -608,5 +669,5 @@ def describe_keys() -> list[tuple[str, str, str]]:
             doc = (doc + "; " if doc else "") + bound.describe()
         if key in short:
             doc = f"(short: {short[key]}) " + doc
-        rows.append((key, _toml_value(defaults[key]), doc))
+        rows.append((key, f.metadata.get("shown") or _toml_value(defaults[key]), doc))
     return rows

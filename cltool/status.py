@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from cltool.recipe import SHORT_NAMES
+from cltool.recipe import short_key
 from cltool.runstate import ACTIVE, LOST, PENDING, on_slurm, run_state, scheduler_states
 from cltool.sweep import load_manifest, sweep_out
 from cltool.track import DONE, FAILED, RUNNING, RunDir
@@ -38,6 +38,15 @@ class RunStatus:
     eta_s: float | None
     job_id: str | None
     reason: str | None
+    executor: str | None = None
+
+    @property
+    def job_text(self) -> str:
+        """The job column: a SLURM job id as squeue shows it; a local run's process id said as
+        one (a bare number reads like a job id)."""
+        if self.job_id is None:
+            return ""
+        return f"local pid {self.job_id}" if self.executor == "local" else self.job_id
 
 
 def run_status(
@@ -71,6 +80,7 @@ def run_status(
         eta_s=eta,
         job_id=str(submissions[-1].get("job_id")) if submissions else None,
         reason=found.reason,
+        executor=submissions[-1].get("executor") if submissions else None,
     )
 
 
@@ -104,11 +114,7 @@ def settled(statuses: list[RunStatus]) -> bool:
     return not any(s.state in ACTIVE for s in statuses)
 
 
-def short_key(key: str) -> str:
-    return next((short for short, full in SHORT_NAMES.items() if full == key), key)
-
-
-def _fmt_value(value: Any) -> str:
+def format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -145,11 +151,11 @@ def status_table(
         state = f"[{style}]{s.state}[/]" if style else s.state
         epoch = f"{s.epochs_done}/{s.epochs}" if s.epochs_done is not None else ""
         loss = f"{s.loss:.4f}" if s.loss is not None else ""
-        cells = [s.run_id, *(_fmt_value(s.params.get(k)) for k in swept_keys), state]
+        cells = [s.run_id, *(format_value(s.params.get(k)) for k in swept_keys), state]
         if plan is not None:
             cells += [plan.get(s.run_id, ""), epoch]
         else:
-            cells += [epoch, loss, _fmt_eta(s.eta_s), s.job_id or ""]
+            cells += [epoch, loss, _fmt_eta(s.eta_s), s.job_text]
         table.add_row(*cells, *([s.reason or ""] if reasons else []))
     counts = Counter(s.state for s in statuses)
     table.caption = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))

@@ -43,18 +43,20 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltool.errors import CLToolError, RecipeError
+from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
     Recipe,
     canonical_key,
+    expects_number,
     flatten,
     parse_value,
     read_toml,
     resolve,
+    short_key,
     to_toml,
 )
 from cltool.track import RunDir, atomic_write_json, atomic_write_text, read_json
@@ -75,6 +77,9 @@ class Dimension:
 
     keys: tuple[str, ...]
     points: tuple[tuple[Any, ...], ...]
+    #: Where it was given (``--param m=0.9,0.99``), named by an error in one of its values; not
+    #: part of the sweep's identity.
+    source: str = field(default="", compare=False)
 
     def as_json(self) -> dict[str, Any]:
         return {"keys": list(self.keys), "values": [list(p) for p in self.points]}
@@ -184,13 +189,25 @@ def expand_range(text: str, where: str) -> list[Any] | None:
     return [_tidy(x, integral) for x in tidy] if all(x.is_integer() for x in tidy) else tidy
 
 
-def _values(items: list[Any], where: str) -> list[Any]:
+def _values(key: str, items: list[Any], where: str) -> list[Any]:
     """Expand range strings among parsed values; literal values pass through."""
     values: list[Any] = []
     for item in items:
-        expanded = expand_range(item, where) if isinstance(item, str) else None
+        expanded = _expand(key, item, where) if isinstance(item, str) else None
         values.extend([item] if expanded is None else expanded)
     return values
+
+
+def _expand(key: str, text: str, where: str) -> list[Any] | None:
+    """A range's values, None for a literal; a number key's value that has ``..`` but is no
+    range is refused here, with the range forms (the type check would only say "a number")."""
+    expanded = expand_range(text, where)
+    if expanded is None and ".." in text and expects_number(key):
+        raise RecipeError(
+            f"{where}: '{text}' is neither a number nor a range: a range is A..B:lin:N, "
+            f"A..B:log:N or A..B:xF, e.g. {short_key(key)}=0.1..0.5:lin:5"
+        )
+    return expanded
 
 
 def parse_param(text: str) -> Dimension:
@@ -204,9 +221,9 @@ def parse_param(text: str) -> Dimension:
     for item in split_top(rest, ","):
         if not item:
             raise RecipeError(f"{where}: empty value in the list")
-        expanded = expand_range(item, where)
+        expanded = _expand(key, item, where)
         values.extend([parse_value(item)] if expanded is None else expanded)
-    return Dimension((key,), tuple((v,) for v in values))
+    return Dimension((key,), tuple((v,) for v in values), where)
 
 
 def parse_zip(text: str) -> Dimension:
@@ -222,7 +239,7 @@ def parse_zip(text: str) -> Dimension:
         if len(parts) != len(keys) or "" in parts:
             raise RecipeError(f"{where}: '{item}' has {len(parts)} values for {len(keys)} keys")
         points.append(tuple(parse_value(p) for p in parts))
-    return Dimension(keys, tuple(points))
+    return Dimension(keys, tuple(points), where)
 
 
 def parse_sweep_table(table: Any, where: str) -> tuple[list[Dimension], int | None]:
@@ -240,14 +257,14 @@ def parse_sweep_table(table: Any, where: str) -> tuple[list[Dimension], int | No
         key_where = f"{where}: sweep.param.{key}"
         canonical = canonical_key(key, key_where)
         if isinstance(spec, list) and spec:
-            values = _values(spec, key_where)
-        elif isinstance(spec, str) and expand_range(spec, key_where):
-            values = _values([spec], key_where)
+            values = _values(canonical, spec, key_where)
+        elif isinstance(spec, str) and _expand(canonical, spec, key_where):
+            values = _values(canonical, [spec], key_where)
         else:
             raise RecipeError(
                 f"{key_where}: write a non-empty list of values or a range 'A..B:log:N'"
             )
-        dims.append(Dimension((canonical,), tuple((v,) for v in values)))
+        dims.append(Dimension((canonical,), tuple((v,) for v in values), key_where))
     groups = table.get("zip", [])
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise RecipeError(f"{where}: sweep.zip must be a list of tables {{KEY = [values], ...}}")
@@ -257,11 +274,34 @@ def parse_sweep_table(table: Any, where: str) -> tuple[list[Dimension], int | No
         if not flat or len(lengths) != 1 or -1 in lengths or 0 in lengths:
             raise RecipeError(f"{where}: each sweep.zip group needs lists of one common length")
         keys = tuple(canonical_key(k, f"{where}: sweep.zip") for k in flat)
-        dims.append(Dimension(keys, tuple(zip(*flat.values(), strict=True))))
+        points = tuple(zip(*flat.values(), strict=True))
+        dims.append(Dimension(keys, points, f"{where}: sweep.zip"))
     seeds = table.get("seeds")
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int)):
         raise RecipeError(f"{where}: sweep.seeds must be a whole number")
     return dims, seeds
+
+
+def describe_sweep_keys() -> list[tuple[str, str, str]]:
+    """(``sweep.<key>``, default, description) for ``cl keys``: the ``[sweep]`` table."""
+    return [
+        (
+            "sweep.param",
+            "{}",
+            "cl sweep: KEY = [values] or a range 'A..B:lin:N', 'A..B:log:N', 'A..B:xF'; one "
+            "dimension per key (--param replaces the key's)",
+        ),
+        (
+            "sweep.zip",
+            "[]",
+            "cl sweep: a list of tables { KEY = [values], ... } whose keys move together",
+        ),
+        (
+            "sweep.seeds",
+            "-",
+            "cl sweep: N runs per point, train.seed + 0..N-1 (--seeds replaces it)",
+        ),
+    ]
 
 
 # -- compiling ---------------------------------------------------------------------------------
@@ -305,11 +345,13 @@ def compile_sweep(
             raise RecipeError(f"--seeds {seeds}: needs at least 1 seed")
         if any(SEED_KEY in d.keys for d in dims):
             raise RecipeError(f"sweep: '{SEED_KEY}' is swept and seeds are asked for: choose one")
-        dims.append(Dimension((SEED_KEY,), tuple((base.train.seed + i,) for i in range(seeds))))
+        seed_points = tuple((base.train.seed + i,) for i in range(seeds))
+        dims.append(Dimension((SEED_KEY,), seed_points, f"--seeds {seeds}"))
     total = math.prod(len(d.points) for d in dims)
     if total > MAX_RUNS:
         raise RecipeError(f"sweep: {total} runs is more than {MAX_RUNS}: check the ranges")
     swept = tuple(k for d in dims for k in d.keys)
+    sources = {k: d.source for d in dims for k in d.keys}
     runs: dict[str, PlannedRun] = {}
     for combo in itertools.product(*(d.points for d in dims)):
         assigned = [
@@ -317,7 +359,13 @@ def compile_sweep(
             for d, point in zip(dims, combo, strict=True)
             for k, v in zip(d.keys, point, strict=True)
         ]
-        recipe = resolve(table, [*overrides, *assigned], source=str(path), default_name=path.stem)
+        recipe = resolve(
+            table,
+            [*overrides, *assigned],
+            source=str(path),
+            default_name=path.stem,
+            override_sources=sources,
+        )
         resolved = flatten(recipe.to_dict())
         runs.setdefault(recipe.fingerprint, PlannedRun(recipe, {k: resolved[k] for k in swept}))
     definition = {
@@ -383,7 +431,7 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a sweep folder, or a one-line error saying what is wrong with the path."""
     manifest = read_json(Path(folder) / MANIFEST)
     if manifest is None or not isinstance(manifest.get("runs"), list):
-        raise CLToolError(f"{folder}: not a sweep folder (no readable {MANIFEST})", exit_code=2)
+        raise InputError(f"{folder}: not a sweep folder (no readable {MANIFEST})")
     return manifest
 
 

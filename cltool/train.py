@@ -376,20 +376,22 @@ class Trainer:
                 f"resuming from step {self.state.global_step} (epoch {self.state.epoch + 1})"
             )
         elif recipe.eval.baselines and self.rank == 0:
-            self.display.message("measuring baselines (raw pixels, random encoder)")
-            self.state.baselines = self.baselines()
+            with self.display.phase("computing baselines (random encoder, raw pixels)"):
+                self.state.baselines = self.baselines()
         dist.barrier()  # evaluation runs once, on rank 0; the others wait here
         self.wall_before, self.started = self.state.wall_s, time.perf_counter()
         self.method.train()
         if recipe.train.compile:
             self.display.message("train.compile: the first steps compile the encoders (slower)")
-        self.display.start(self.total_steps, self.state.global_step)
+        self.display.start(self.total_steps, self.state.global_step, self.state.epoch)
         for epoch in range(self.state.epoch, recipe.train.epochs):
             self.train_epoch(epoch)
         self.display.finish()
         wall_s = self.elapsed()
-        self.display.message("evaluating (kNN, linear probe)")
-        metrics = {**self.state.baselines, **self.final_metrics()} if self.rank == 0 else {}
+        metrics = {}
+        if self.rank == 0:
+            with self.display.phase("evaluating (kNN, linear probe)"):
+                metrics = {**self.state.baselines, **self.final_metrics()}
         dist.barrier()
         self.log(
             {
@@ -448,8 +450,10 @@ class Trainer:
             "epoch": epoch,
             "global_step": state.global_step,
             "loss": float(self.epoch_loss) / len(batches),
-            "imgs_per_s": epoch_images / (time.perf_counter() - epoch_start),
         }
+        if epoch_images:  # the rate of the steps this process ran; none after a resume at the
+            # epoch's last step, where a rate of 0 would be a wrong measurement, not a slow one
+            record["imgs_per_s"] = epoch_images / (time.perf_counter() - epoch_start)
         every_epochs = recipe.eval.every_epochs
         if every_epochs and (epoch + 1) % every_epochs == 0 and epoch + 1 < recipe.train.epochs:
             if self.rank == 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, InputError
 from cltool.recipe import SHORT_NAMES, Recipe
 from cltool.track import DONE, INTERRUPTED, RunDir
 
@@ -302,9 +302,9 @@ def sync_offline(path: Path, timeout: float = 600.0, echo: Echo = _stderr) -> in
     """
     path = Path(path)
     if not path.exists():
-        raise CLToolError(f"{path}: no such folder")
+        raise InputError(f"{path}: no such folder")
     pending = unsynced_runs(path)
-    if pending and not has_api_key():
+    if pending and not has_api_key():  # the upload fails (1), as without network
         raise CLToolError(
             f"cannot sync {pending[0]}: no W&B API key; run `wandb login` (or set "
             f"WANDB_API_KEY) on a machine with network, then `cl sync {path}`"

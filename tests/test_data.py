@@ -141,24 +141,44 @@ def test_cifar10_missing_without_download_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in message
     assert message.startswith(f"cifar10: not found under {root}/")
     assert "data.download = true" in message
+    assert "cifar-10-python.tar.gz" in message and f"{root}/cifar-10-batches-py/" in message
+    assert not root.exists()
 
 
-def test_cifar10_failed_download_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """torchvision's real download path, failing in name resolution as it does offline.
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Name resolution fails as it does offline, on torchvision's real download path.
 
-    Resolution is made to fail on purpose so a machine with network does not fetch 170 MB.
+    Made to fail on purpose so a machine with network does not fetch 170 MB.
     """
 
-    def offline(*args: object, **kwargs: object) -> None:
+    def no_name(*args: object, **kwargs: object) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(socket, "getaddrinfo", offline)
-    root = tmp_path / "cifar-home"
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+
+
+@pytest.mark.usefixtures("offline")
+def test_cifar10_failed_download_is_one_line_naming_the_archive_and_folder(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "data" / "cifar-home"
     with pytest.raises(CLToolError) as caught:
         load_dataset(DataConfig(dataset="cifar10", root=str(root), download=True))
     message = str(caught.value)
-    assert "\n" not in message
+    assert "\n" not in message and caught.value.exit_code == 2
     assert message.startswith(f"cifar10: not found under {root}/ and the download failed")
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
+    assert f"put it in {root}/" in message and f"{root}/cifar-10-batches-py/" in message
     assert "data.root" in message
+    assert list(tmp_path.iterdir()) == []  # neither data/ nor data/cifar-home/ is left
+
+
+@pytest.mark.usefixtures("offline")
+def test_failed_download_into_an_existing_folder_keeps_only_what_was_there(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CLToolError):
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), download=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

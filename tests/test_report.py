@@ -242,7 +242,7 @@ def test_plot_and_html(runs: Path, tmp_path: Path) -> None:
     png = figures.figure_bytes(fig, "png")
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert figures.figure_bytes(fig, "pdf").startswith(b"%PDF")
-    assert f"run {victim}: metrics.jsonl: skipped 1 unreadable line(s)" in rep.skipped
+    assert f"run {victim}: metrics.jsonl: skipped 1 unreadable line" in rep.skipped
     page = html.to_html(rep, figures.inline_svg(fig), tmp_path)
     assert "<svg" in page and "<td>0.99</td>" in page
 
@@ -273,8 +273,30 @@ def test_cli_formats_files_and_errors(runs: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert plot.read_bytes().startswith(PNG_MAGIC) and "<table>" in page.read_text()
     assert out.read_text().startswith("key_encoder.m,linear_top1_mean")
-    result = runner.invoke(cli(), ["report", str(tmp_path / "nope")])
-    assert result.exit_code == 1
+    for written in (plot, page, out):  # each file written is named, on stderr
+        assert f"wrote {written}" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metric", "knn_top5"], "--metric knn_top5: no run reports it"),
+        (["--group-by", "momentun"], "--group-by: unknown key 'momentun'"),
+        (["--format", "xml"], "xml"),
+        (["--group", "abc"], "--group needs --wandb"),
+    ],
+)
+def test_cli_bad_input_exits_2(runs: Path, args: list[str], expected: str) -> None:
+    """Every bad flag value of cl report is bad input: exit 2, as in every other command."""
+    result = CliRunner().invoke(cli(), ["report", str(runs), *args])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_missing_folder_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli(), ["report", str(tmp_path / "nope")])
+    assert result.exit_code == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.output
 

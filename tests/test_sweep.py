@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ from typer.testing import CliRunner
 from cltool.cli_report import register as register_report
 from cltool.cli_sweep import register
 from cltool.errors import RecipeError
-from cltool.launch import WILL_SUBMIT, SlurmOptions, make_plan, parse_time
+from cltool.launch import WILL_SUBMIT, make_plan
 from cltool.recipe import load_recipe
 from cltool.runstate import LOST, NEW, PENDING, SUBMITTED, run_state
+from cltool.slurm_options import SlurmOptions, parse_time
 from cltool.sweep import (
     MANIFEST,
     compile_sweep,
@@ -112,11 +114,13 @@ def test_run_ids_are_fingerprints_and_duplicates_are_one_run() -> None:
 
 
 def test_one_bad_value_rejects_the_sweep_with_the_cl_run_error(tmp_path: Path) -> None:
+    """The same check as ``cl run --set``, blamed on the ``--param`` that gave the value."""
     with pytest.raises(RecipeError) as from_run:
         load_recipe(MOCO, ["m=1.5"])
     result = invoke("sweep", MOCO, "--param", "m=0.9,1.5", "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert str(from_run.value) in " ".join(result.output.split())
+    check = str(from_run.value).removeprefix("--set: ")
+    assert f"error: --param m=0.9,1.5: {check}" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
     result = invoke("sweep", MOCO, "--param", "momentun=0.9", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "unknown key" in result.output
@@ -269,6 +273,56 @@ def test_dry_run_renders_the_slurm_array_script(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "slurm time 'soon'" in bad.output
 
 
+def test_dry_run_maps_array_indices_to_runs_and_notes_cluster_defaults(tmp_path: Path) -> None:
+    args = ["sweep", MOCO, "--param", "m=0.9,0.99,0.999", "--executor", "slurm", "--dry-run"]
+    result = invoke(*args, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    runs = compile_sweep(MOCO, params=["m=0.9,0.99,0.999"]).runs
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines()]
+    table = [row for row in cells if len(row) == 3 and row[0].isdigit()]
+    expected = [
+        [str(i), run.run_id, f"{run.params['key_encoder.m']:g}"] for i, run in enumerate(runs)
+    ]
+    assert table == expected
+    note = next(line for line in result.output.splitlines() if line.startswith("note:"))
+    assert "--cpus-per-task / --mem-gb" in note and "defaults" in note
+    sized = invoke(*args, "--cpus-per-task", "4", "--mem-gb", "8", "--out", tmp_path)
+    assert sized.exit_code == 0 and "note:" not in sized.output
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_counts_are_pluralised(tmp_path: Path) -> None:
+    one = invoke("sweep", MOCO, "--param", "m=0.9", "--executor", "slurm", "--dry-run")
+    assert one.exit_code == 0, one.output
+    assert "1 run, 1 to submit" in one.output and "array of 1 task)" in one.output
+    assert "1 runs" not in one.output and "1 tasks" not in one.output
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ("m=a..b", "--param m=a..b: 'a..b' is neither a number nor a range: a range is A..B:lin:N"),
+        ("m=0.9..0.99", "A..B:lin:N, A..B:log:N or A..B:xF, e.g. m=0.1..0.5:lin:5"),
+        ("m=abc", '--param m=abc: key_encoder.m = "abc" must be a number'),
+    ],
+)
+def test_a_bad_param_value_names_param_and_the_range_forms(
+    tmp_path: Path, param: str, message: str
+) -> None:
+    result = invoke("sweep", MOCO, "--param", param, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "--set" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_range_in_the_sweep_table_names_the_table(tmp_path: Path) -> None:
+    recipe = tmp_path / "s.toml"
+    recipe.write_text('[sweep]\nparam = { m = "0.9..0.99" }\n')
+    with pytest.raises(RecipeError, match=r"s\.toml: sweep\.param\.m: '0\.9\.\.0\.99' is neither"):
+        compile_sweep(recipe)
+
+
 # -- the local executor, for real ----------------------------------------------------------------
 
 
@@ -290,8 +344,12 @@ def test_local_sweep_end_to_end_then_rerun_does_nothing(tmp_path: Path) -> None:
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["counts"] == {"done": 2}
 
+    next_steps = f"next: cl status {folder} (states), cl report {folder} (results)"
+    assert next_steps in result.output
+
     again = invoke(*args)
     assert again.exit_code == 0 and "all 2 runs done" in again.output
+    assert next_steps in again.output
     assert load_manifest(folder) == manifest
 
 
@@ -306,7 +364,12 @@ def test_local_subprocesses_and_a_run_that_crashes(tmp_path: Path) -> None:
     result = invoke(*args)
     assert result.exit_code == 1, result.output
     assert "1 of 2 runs did not finish" in " ".join(result.output.split())
+    labels = sorted(re.findall(r"^\[(\d)/2\] ", result.output, re.MULTILINE))
+    assert labels == ["1", "2"]  # --jobs keeps the [i/N] labels of the serial executor
     (folder,) = (out / "sweeps").iterdir()
+    table = invoke("status", folder)
+    pids = re.findall(r"local pid \d+", table.output)
+    assert len(pids) == 2, table.output
     status = invoke("status", folder, "--format", "json")
     assert status.exit_code == 3
     report = json.loads(status.output)

@@ -28,7 +28,7 @@ from sklearn.cluster import DBSCAN
 from torch import nn
 
 from cltool import dist
-from cltool.errors import CLToolError
+from cltool.errors import InputError
 from cltool.evaluate import extract_features, reestimate_batchnorm
 from cltool.kreciprocal import jaccard_distance
 from cltool.memory import HybridMemory, momentum_update
@@ -102,7 +102,7 @@ class SpCL(Method):
         self.recipe = recipe
         self.num_source = recipe.spcl.source_labelled
         if self.num_source >= num_train:
-            raise CLToolError(
+            raise InputError(
                 f"spcl.source_labelled = {self.num_source} leaves no unlabelled image of the "
                 f"{num_train} training images: lower it"
             )

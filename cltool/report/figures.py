@@ -35,7 +35,7 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from cltool.errors import CLToolError
+from cltool.errors import InputError
 from cltool.report.group import (
     BASELINES,
     Report,
@@ -49,6 +49,7 @@ from cltool.report.group import (
     number,
     order,
 )
+from cltool.text import plural
 from cltool.track import DONE, RunDir
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
@@ -67,9 +68,8 @@ def plot_format(path: Path) -> str:
     """The figure format of ``--plot PATH``, by its suffix; exit 2 for any other suffix."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise CLToolError(
-            f"--plot {path}: give a .png, .svg or .pdf file name (the suffix picks the format)",
-            exit_code=2,
+        raise InputError(
+            f"--plot {path}: give a .png, .svg or .pdf file name (the suffix picks the format)"
         )
     return fmt
 
@@ -123,7 +123,7 @@ def collect_curves(report: Report) -> Curves:
             loss, knn, bad = read_curves(RunDir(run.path).metrics)
             if bad:
                 report.skipped.append(
-                    f"run {run.path}: metrics.jsonl: skipped {bad} unreadable line(s)"
+                    f"run {run.path}: metrics.jsonl: skipped {plural(bad, 'unreadable line')}"
                 )
             losses += [loss] if loss else []
             knns += [knn] if knn else []
@@ -166,10 +166,7 @@ def report_figure(report: Report) -> Figure:
         g.stats[m].mean is not None for g in report.groups for m in report.metrics
     )
     if not (has_curves or has_results):
-        raise CLToolError(
-            f"{report.source}: nothing to plot (no swept key and no training curves)",
-            exit_code=2,
-        )
+        raise InputError(f"{report.source}: nothing to plot (no swept key and no training curves)")
     x_key = _x_key(report) if has_results else None
     lines = _line_labels(report, x_key) if x_key else []
     parts: list[tuple[str, int, int]] = []  # (kind, panels, legend entries)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cltool.errors import CLToolError
+from cltool.errors import InputError
 from cltool.recipe import SHORT_NAMES, canonical_key
 from cltool.report.load import Loaded, RunRecord
 from cltool.runstate import NEW, STATES
@@ -151,7 +151,7 @@ def build_report(
     ``eval.linear = false`` have no linear probe)."""
     if not loaded.runs:
         why = f"{len(loaded.skipped)} unreadable" if loaded.skipped else "none started yet"
-        raise CLToolError(f"{loaded.source}: no runs to report ({why})")
+        raise InputError(f"{loaded.source}: no runs to report ({why})")
     available = _available_metrics(loaded.runs)
     if metrics:
         metrics = list(metrics)
@@ -237,7 +237,7 @@ def _check_metrics(available: set[str], metrics: Sequence[str]) -> None:
     """Fail on a metric no finished run reports: a typo, not a missing result."""
     unknown = [m for m in metrics if m not in available]
     if available and unknown:
-        raise CLToolError(
+        raise InputError(
             f"--metric {unknown[0]}: no run reports it; summaries have: "
             + ", ".join(sorted(available))
         )

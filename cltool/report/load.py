@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltool.errors import CLToolError
+from cltool.errors import CLToolError, InputError
 from cltool.recipe import flatten
 from cltool.runstate import on_slurm, run_state, scheduler_states
 from cltool.sweep import RECIPES
@@ -58,16 +58,16 @@ def load_runs(path: Path) -> Loaded:
     """Runs of a sweep folder (by its manifest) or of every run folder below ``path``."""
     path = Path(path)
     if not path.exists():
-        raise CLToolError(f"{path}: no such folder (give a sweep folder or a folder of runs)")
+        raise InputError(f"{path}: no such folder (give a sweep folder or a folder of runs)")
     if (path / MANIFEST).is_file():
         return _load_sweep(path)
     if not path.is_dir():
-        raise CLToolError(f"{path}: not a folder (give a sweep folder or a folder of runs)")
+        raise InputError(f"{path}: not a folder (give a sweep folder or a folder of runs)")
     loaded = Loaded(source=str(path), runs=[])
     for run_dir in find_run_dirs(path):
         _add_run(loaded, run_dir)
     if not loaded.runs and not loaded.skipped:
-        raise CLToolError(
+        raise InputError(
             f"{path}: no run folders found (none holds a config.toml); give a sweep folder "
             "like runs/sweeps/<id> or the folder runs are written to"
         )
@@ -82,12 +82,12 @@ def _load_sweep(folder: Path) -> Loaded:
     the sweep's own copy of its recipe, so its swept values and its reason are shown."""
     manifest = read_json(folder / MANIFEST)
     if manifest is None:
-        raise CLToolError(f"{folder / MANIFEST}: unreadable or not a JSON object")
+        raise InputError(f"{folder / MANIFEST}: unreadable or not a JSON object")
     entries = manifest.get("runs", [])
     if isinstance(entries, dict):
         entries = [{"run_id": key, **value} for key, value in entries.items()]
     if not isinstance(entries, list) or not entries:
-        raise CLToolError(f"{folder / MANIFEST}: lists no runs (expected a 'runs' list)")
+        raise InputError(f"{folder / MANIFEST}: lists no runs (expected a 'runs' list)")
     out_root = folder.parent.parent
     loaded = Loaded(source=str(folder), runs=[], manifest=True)
     slurm = any(isinstance(e, dict) and on_slurm(e.get("submissions") or []) for e in entries)
@@ -188,7 +188,7 @@ def load_wandb(path: str, group: str | None, api: Any = None) -> Loaded:
             "and the network"
         ) from None
     if not remote:
-        raise CLToolError(f"{source}: no runs found (check the project and the group id)")
+        raise InputError(f"{source}: no runs found (check the project and the group id)")
     loaded = Loaded(source=source, runs=[])
     for run in remote:
         config = {k: v for k, v in flatten(dict(run.config)).items() if not k.startswith("_")}

@@ -28,6 +28,7 @@ from cltool.report.group import (
     metric_label,
 )
 from cltool.runstate import STATES
+from cltool.text import plural
 from cltool.track import DONE
 
 SCHEMA = 1
@@ -138,7 +139,7 @@ def to_rich(report: Report, runs: bool = False) -> Any:
     header, rows = table_rows(report, runs)
     numeric = {metric_label(m) for m in stat_columns(report)} | {"n", "missing"}
     table = Table(
-        title=f"{report.source}: {len(report.groups)} configurations",
+        title=f"{report.source}: {plural(len(report.groups), 'configuration')}",
         caption=LEGEND,
         caption_justify="left",
     )
