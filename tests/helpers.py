@@ -37,6 +37,19 @@ def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=g), dim=1)
 
 
+def start_cl(*args: str, cwd: Path, **kwargs: object) -> subprocess.Popen[str]:
+    """``cl ARGS`` started in a subprocess (to signal, kill or race it), output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cltool", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        **kwargs,
+    )
+
+
 def run_cl(
     *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

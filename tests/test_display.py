@@ -54,7 +54,8 @@ def test_stop_notice_has_a_line_of_its_own_above_the_bar() -> None:
     display.update(4, 0, {"loss": 1.0, "imgs_per_s": 100.0})
     display.finish()
     assert stop_notice(signal.SIGINT) in screen_lines(screen)
-    assert stop_notice(signal.SIGINT) == "SIGINT: stopping after this step (Ctrl-C again to abort now)"
+    notice = "SIGINT: stopping after this step (Ctrl-C again to abort now)"
+    assert stop_notice(signal.SIGINT) == notice
 
 
 def test_resume_at_an_epochs_last_step_reports_no_zero_rate(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MOCO, TINY, hold, run_cl
+from helpers import MOCO, TINY, hold, run_cl, start_cl
 from typer.testing import CliRunner
 
 from cltool.cli import app
@@ -35,18 +35,6 @@ LONG = [*TINY, "train.epochs=8", "data.num_train=512", "train.log_every_steps=1"
 
 def sets(overrides: list[str]) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
-
-
-def start_cl(*args: str, cwd: Path, **kwargs: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cltool", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
-        **kwargs,
-    )
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import MOCO
+from helpers import MOCO, start_cl
 
 from cltool.recipe import load_recipe
 from cltool.run import run_recipe
@@ -30,18 +27,6 @@ TINY = [
     "train.log_every_steps=2",
     "train.checkpoint_every_steps=3",
 ]
-
-
-def cl(*args: str, cwd: Path, **kwargs) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cltool", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NO_COLOR": "1"},
-        **kwargs,
-    )
 
 
 def test_default_recipe_learns_beyond_both_baselines(tmp_path: Path) -> None:
@@ -115,7 +100,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     reference = run_recipe(load_recipe(MOCO, TINY), tmp_path / "reference", quiet=True)
 
     out = tmp_path / "killed"
-    process = cl(*args, "--out", str(out), cwd=tmp_path)
+    process = start_cl(*args, "--out", str(out), cwd=tmp_path)
     run_dir = RunDir.for_run(out, "moco", reference.run_dir.path.name)
     deadline = time.monotonic() + 120
     while not run_dir.checkpoint.exists() and time.monotonic() < deadline:
@@ -125,7 +110,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
     process.wait(timeout=30)
     assert run_dir.summary() is None, "the run finished before it could be killed"
 
-    resumed = cl(*args, "--out", str(out), cwd=tmp_path)
+    resumed = start_cl(*args, "--out", str(out), cwd=tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     summary = run_dir.summary()
@@ -143,7 +128,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(tmp_path: Path) -> None:
 def test_ctrl_c_leaves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     args = ["run", str(MOCO), "--quiet", *[a for s in TINY for a in ("--set", s)]]
     args += ["--set", "epochs=50"]
-    process = cl(*args, "--out", str(tmp_path), cwd=tmp_path)
+    process = start_cl(*args, "--out", str(tmp_path), cwd=tmp_path)
     recipe = load_recipe(MOCO, [*TINY, "epochs=50"])
     run_dir = RunDir.for_run(tmp_path, "moco", recipe.fingerprint)
     deadline = time.monotonic() + 120
