@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the README gallery from a real sweep: MoCo's momentum on the embedded glyphs,
-# 4 values x 3 seeds (12 runs of the 2-3 minute default recipe: about 30-40 minutes on 2 cores).
+# 4 values x 3 seeds by default (12 runs of the 2-3 minute default recipe).
 #
-#   docs/gallery/make.sh                        # the gallery, into docs/gallery/
+#   docs/gallery/make.sh --seeds 2 --set epochs=10   # the README's gallery, into docs/gallery/
 #   GALLERY_DEST=/tmp/g docs/gallery/make.sh --seeds 1 --set epochs=1 --set data.num_train=256
 #                                               # a quick check: extra arguments go to `cl sweep`
 #
