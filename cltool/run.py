@@ -228,34 +228,34 @@ def _train_main(
     dist.barrier()  # the other ranks look for a checkpoint once --force has removed the old one
     display.log_path = run_dir.log
     sinks: list[MetricSink] = [JsonlSink(run_dir.metrics)]
-    if recipe.wandb.enabled:
-        from cltool.wandb_log import open_wandb
-
-        sink = open_wandb(recipe, run_dir, sweep_id, swept, echo=display.message)
-        if sink is not None:
-            sinks.append(sink)
-
-    def log(record: dict[str, Any]) -> None:
-        for sink in sinks:
-            sink.log(record)
-        if record["kind"] != "eval":
-            run_dir.write_state(
-                RUNNING,
-                epoch=record["epoch"],
-                global_step=record["global_step"],
-                loss=record.get("loss"),
-            )
-
-    trainer.log = log
-    trainer.checkpointed = lambda state: run_dir.write_state(
-        RUNNING, global_step=state.global_step, checkpoint_step=state.global_step
-    )
-    run_dir.write_state(
-        RUNNING, epochs=recipe.train.epochs, total_steps=trainer.total_steps, reason=None
-    )
-    display.message(f"run {recipe.fingerprint}: {run_dir.path}")
     status, summary = FAILED, None
-    try:
+    try:  # from here on, whatever ends the run leaves its true state in state.json
+        if recipe.wandb.enabled:
+            from cltool.wandb_log import open_wandb
+
+            sink = open_wandb(recipe, run_dir, sweep_id, swept, echo=display.message)
+            if sink is not None:
+                sinks.append(sink)
+
+        def log(record: dict[str, Any]) -> None:
+            for sink in sinks:
+                sink.log(record)
+            if record["kind"] != "eval":
+                run_dir.write_state(
+                    RUNNING,
+                    epoch=record["epoch"],
+                    global_step=record["global_step"],
+                    loss=record.get("loss"),
+                )
+
+        trainer.log = log
+        trainer.checkpointed = lambda state: run_dir.write_state(
+            RUNNING, global_step=state.global_step, checkpoint_step=state.global_step
+        )
+        run_dir.write_state(
+            RUNNING, epochs=recipe.train.epochs, total_steps=trainer.total_steps, reason=None
+        )
+        display.message(f"run {recipe.fingerprint}: {run_dir.path}")
         metrics = trainer.run()
         lock.ensure_held()
         summary = {

@@ -56,7 +56,9 @@ class StopFlag:
             raise KeyboardInterrupt
         if not self.requested:
             self.signum = signum
-            if self.announce is not None:
+            # After a hang-up nobody reads the notice; and printing from a handler that may
+            # have interrupted a print of the same process is what a handler should not do.
+            if self.announce is not None and signum != signal.SIGHUP:
                 self.announce(signum)
 
     def install(self) -> StopFlag:
