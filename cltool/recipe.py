@@ -144,6 +144,11 @@ class KeyEncoderConfig:
 class DictionaryConfig:
     kind: Literal["queue", "in_batch", "memory_bank", "cross_batch", "hybrid"] = knob("queue")
     K: int = knob(4096, AT_LEAST_1, "number of keys held (queue / cross-batch memory size)")
+    queue_start: Literal["empty", "random"] = knob(
+        "empty",
+        doc="queue: empty (the negatives are the keys enqueued so far) or random "
+        "(K random unit vectors, as MoCo's code)",
+    )
     bank_m: float = knob(
         0.5, MOMENTUM, "weight kept on old memory-bank / hybrid-memory entries (InstDisc 0.5)"
     )

@@ -142,6 +142,17 @@ def test_simclr_v2_evaluates_on_the_first_head_layer() -> None:
     assert features.shape == (4, recipe.model.head_hidden)
 
 
+@pytest.mark.parametrize(("start", "full"), [("empty", False), ("random", True)])
+def test_queue_start_sets_moco_first_negatives(start: str, full: bool) -> None:
+    from cltool.methods import build_method
+
+    recipe = load_recipe(RECIPES / "moco.toml", [f'dictionary.queue_start="{start}"'])
+    method = build_method(recipe, in_channels=3, num_train=10, num_classes=10)
+    negatives = method.queue.negatives()
+    assert len(negatives) == (recipe.dictionary.K if full else 0)
+    assert torch.allclose(negatives.norm(dim=1), torch.ones(len(negatives)))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

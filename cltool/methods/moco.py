@@ -35,7 +35,11 @@ class MoCo(Method):
             self.encoder_k = copy.deepcopy(self.encoder_q)
             self.encoder_k.requires_grad_(False)
         self.queue = (
-            KeyQueue(recipe.dictionary.K, recipe.model.dim, start_full=False)
+            KeyQueue(
+                recipe.dictionary.K,
+                recipe.model.dim,
+                start_full=recipe.dictionary.queue_start == "random",
+            )
             if recipe.dictionary.kind == "queue"
             else None
         )
