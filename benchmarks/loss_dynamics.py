@@ -97,8 +97,8 @@ def pair_statistics(
 def parameter_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """||θ_a - θ_b|| / ||θ_b||."""
     pairs = zip(a.parameters(), b.parameters(), strict=True)
-    diff = sum(float((p - q).pow(2).sum()) for p, q in pairs)
-    norm = sum(float(q.pow(2).sum()) for q in b.parameters())
+    diff = sum(float((p.detach() - q.detach()).pow(2).sum()) for p, q in pairs)
+    norm = sum(float(q.detach().pow(2).sum()) for q in b.parameters())
     return math.sqrt(diff / norm)
 
 
