@@ -56,11 +56,14 @@ def projection_head(kind: str, in_dim: int, hidden: int, out_dim: int, bn: bool)
     """Linear (MoCo v1), Linear-ReLU-Linear (MoCo v2) or, with ``bn``,
     Linear-BN-ReLU-Linear-BN (as MoCo v3's projector).
 
-    The output BatchNorm (no affine) centres the embeddings over the batch. Against a queue of
-    keys from earlier steps, InfoNCE pushes every query away from the queue's mean: a common-mode
-    push that a fast-moving encoder (small data, high learning rate) satisfies by drifting all
-    embeddings together, away from the stale keys, until they collapse to one point. Centred
-    outputs cannot drift together.
+    The output BatchNorm (no affine) centres the embeddings over the batch, so they cannot share
+    a common direction. That matters for MoCo only when its queue starts as random unit vectors
+    (``dictionary.queue_start = "random"``, MoCo's code): negatives that are isotropic noise do not
+    penalise a common direction, so in the first K / B steps the encoder learns to map every
+    image near one point, and the real keys that replace the noise are then all alike. Measured on
+    the embedded default, seed 0, ``recipes/moco.toml``: without head BN, a random start ends at
+    kNN 44.5 (negative cosine 0.87 at step 20), an empty start at 71.1; with head BN, 70.8 from a
+    random start. The empty start (this project's default) uses real keys from the first step.
     """
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
