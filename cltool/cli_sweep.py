@@ -34,6 +34,7 @@ from cltool.text import plural
 console = RunConsole()
 
 FORMATS = ("table", "json")
+SEARCH_PANEL = "Search (with --search)"
 
 
 @one_line_errors()
@@ -73,6 +74,50 @@ def sweep_command(
             rich_help_panel=SLURM_PANEL,
         ),
     ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            help="Search instead of a grid: tpe or random (Optuna); each --param is then "
+            "`KEY=A..B`, `KEY=A..B:log` or choices `KEY=v1,v2`.",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            help="Trials of the search (re-run with more to extend it).",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="Summary metric the search optimises [default: knn_top1].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    direction: Annotated[
+        str | None,
+        typer.Option(
+            help="maximize or minimize the objective [default: maximize].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    pruner: Annotated[
+        str | None,
+        typer.Option(
+            help="Early stopping on the kNN monitor (eval.every_epochs): halving, hyperband "
+            "or none [default: halving].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="SLURM: an array of this many search workers [default: 1].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
     *,
     slurm: SlurmOptions,
     dry_run: bool,
@@ -90,15 +135,46 @@ def sweep_command(
 
         cl sweep recipes/moco.toml --param lr=1e-3..1e-1:log:5 --executor slurm --partition gpu
         --gpus-per-node 1 --time 4:00:00 --array-parallelism 8
+
+        cl sweep recipes/moco.toml --search tpe --trials 30 --param lr=1e-3..1e-1:log
+        --param T=0.05..0.5 --param m=0.9,0.99,0.999 --jobs 2
     """
     from cltool import launch
-    from cltool.recipe import parse_assignment
+    from cltool.cli_search import refuse_search_flags, run_search
+    from cltool.recipe import parse_assignment, read_toml
     from cltool.status import status_table
     from cltool.sweep import compile_sweep, write_sweep
 
     choose(executor, EXECUTORS, "--executor")
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: needs at least 1")
+    flags = {
+        "search": search,
+        "trials": trials,
+        "objective": objective,
+        "direction": direction,
+        "pruner": pruner,
+    }
+    file_sweep = read_toml(recipe).get("sweep", {})
+    if search is not None or (isinstance(file_sweep, dict) and "search" in file_sweep):
+        run_search(
+            console,
+            recipe,
+            flags=flags,
+            params=param or [],
+            zips=zip_ or [],
+            seeds=seeds,
+            overrides=[parse_assignment(item) for item in set_ or []],
+            out=out,
+            executor=executor,
+            jobs=jobs,
+            workers=workers,
+            slurm=slurm,
+            array_parallelism=array_parallelism,
+            dry_run=dry_run,
+        )
+        return
+    refuse_search_flags({**flags, "workers": workers}, param or [])
     sweep = compile_sweep(
         recipe,
         params=param or [],
@@ -218,5 +294,8 @@ def status_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``sweep`` and ``status`` to the ``cl`` app."""
+    from cltool.cli_search import search_worker_command
+
     app.command("sweep")(sweep_command)
     app.command("status")(status_command)
+    app.command("search-worker", hidden=True)(search_worker_command)

@@ -1,0 +1,583 @@
+"""Searches: a sweep whose points come from an Optuna study instead of a product of dimensions.
+
+On the command line (``cl sweep RECIPE --search tpe|random --trials N ...``), each ``--param``
+is one dimension of the search space::
+
+    --param KEY=A..B          a continuous range, uniform (an integer range for an int key)
+    --param KEY=A..B:log      the same, uniform in log space (A > 0)
+    --param KEY=V1,V2,...     categorical choices (a grid range such as A..B:lin:N gives its
+                              values as the choices)
+
+The same lives in the recipe's ``[sweep]`` table (``search``, ``trials``, ``objective``,
+``direction``, ``pruner``; ``param`` values as lists or range strings); flags replace it.
+
+The study is kept in Optuna's journal file storage in the sweep folder, ``OUT/sweeps/<id>/study/``:
+every change is one appended line, so a kill loses nothing, re-running the same command continues
+the study, and workers on several nodes of a shared file system share it. The sweep id covers
+the base recipe, the space, the sampler, the objective and its direction and the pruner, not
+``--trials``: asking for more trials extends the same study.
+
+Every trial is an ordinary run (resolved recipe, run id, run folder, resume, W&B) listed in the
+sweep's manifest as a grid's runs are, with its trial numbers, so ``cl status`` and ``cl report``
+read it as they read any sweep. The workers that ask, train and tell are in
+:mod:`cltool.search_worker`. Optuna is imported only by the functions that need the study, so
+``cl --help`` and ``cl sweep --dry-run`` stay fast; this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cltool.errors import InputError, RecipeError
+from cltool.recipe import (  # _field_type: int or float, which picks the range's kind
+    Recipe,
+    _field_type,
+    canonical_key,
+    flatten,
+    read_toml,
+    resolve,
+    short_key,
+    to_toml,
+)
+from cltool.sweep import (
+    MANIFEST,
+    SEED_KEY,
+    Dimension,
+    parse_param,
+    parse_sweep_table,
+    parse_zip,
+    sweep_folder,
+)
+from cltool.track import atomic_write_json, atomic_write_text, read_json
+
+if TYPE_CHECKING:
+    import optuna
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("halving", "hyperband", "none")
+DIRECTIONS = ("maximize", "minimize")
+DEFAULT_OBJECTIVE = "knn_top1"
+#: The metric the kNN monitor writes into epoch records: the only one with intermediate values.
+MONITOR = "knn_top1"
+STUDY = "study"
+JOURNAL = "journal.log"
+BASE = "base.toml"
+
+_DISTRIBUTION = re.compile(r"^(?P<a>[^:,]+?)\.\.(?P<b>[^:,]+?)(?::(?P<log>log))?$")
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One dimension of the search space: a float or int range (uniform or log) or choices."""
+
+    key: str
+    kind: str  # "float", "int" or "categorical"
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    #: Where it was given, named by its errors; not part of the search's identity.
+    source: str = field(default="", compare=False)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.kind == "categorical":
+            return CategoricalDistribution(self.choices)
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log)  # type: ignore[arg-type]
+        return FloatDistribution(float(self.low), float(self.high), log=self.log)  # type: ignore[arg-type]
+
+    def as_json(self) -> dict[str, Any]:
+        if self.kind == "categorical":
+            return {"key": self.key, "kind": self.kind, "choices": list(self.choices)}
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "low": self.low,
+            "high": self.high,
+            "log": self.log,
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> SearchParam:
+        return cls(
+            key=value["key"],
+            kind=value["kind"],
+            low=value.get("low"),
+            high=value.get("high"),
+            log=bool(value.get("log", False)),
+            choices=tuple(value.get("choices", ())),
+        )
+
+    def describe(self) -> str:
+        """As it would be written on the command line."""
+        name = short_key(self.key)
+        if self.kind == "categorical":
+            return f"{name}=" + ",".join(str(c) for c in self.choices)
+        return f"{name}={self.low}..{self.high}" + (":log" if self.log else "")
+
+
+def is_distribution(text: str) -> bool:
+    """Whether ``--param`` text is ``KEY=A..B`` or ``KEY=A..B:log`` (a search's range)."""
+    _, _, rest = text.partition("=")
+    return _DISTRIBUTION.match(rest.strip()) is not None
+
+
+def _parse_range(key: str, text: str, where: str) -> SearchParam:
+    """``A..B`` or ``A..B:log`` for ``key``; an int key gets an integer range."""
+    match = _DISTRIBUTION.match(text.strip())
+    assert match is not None
+    ends = []
+    for end in (match["a"], match["b"]):
+        try:
+            ends.append(float(end) if _field_type(key) is float else int(end))
+        except ValueError:
+            kind = "a number" if _field_type(key) is float else "a whole number"
+            raise RecipeError(
+                f"{where}: '{end}' is not {kind}; write {short_key(key)}=A..B"
+            ) from None
+    low, high = ends
+    log = match["log"] is not None
+    if not low < high:
+        raise RecipeError(f"{where}: the range needs A < B, got {low}..{high}")
+    if log and low <= 0:
+        raise RecipeError(f"{where}: a log range needs A > 0, got {low}; drop ':log' or raise A")
+    kind = "float" if _field_type(key) is float else "int"
+    return SearchParam(key, kind, low, high, log, source=where)
+
+
+def _categorical(key: str, values: Sequence[Any], where: str) -> SearchParam:
+    """Choices Optuna can store (numbers, strings, booleans), duplicates dropped."""
+    choices = tuple(dict.fromkeys(values))
+    if any(not isinstance(v, bool | int | float | str) for v in choices):
+        raise RecipeError(f"{where}: a searched choice must be a number, string or boolean")
+    return SearchParam(key, "categorical", choices=choices, source=where)
+
+
+def parse_search_param(text: str) -> SearchParam:
+    """One ``--param`` of a search: a range (``A..B``, ``A..B:log``) or choices."""
+    where = f"--param {text}"
+    key, sep, rest = text.partition("=")
+    if not sep or not key.strip() or not rest.strip():
+        raise RecipeError(f"{where}: expected KEY=A..B, KEY=A..B:log or KEY=V1,V2,...")
+    key = canonical_key(key.strip(), where)
+    if _DISTRIBUTION.match(rest.strip()):
+        return _parse_range(key, rest, where)
+    dim = parse_param(text)
+    return _categorical(key, [p[0] for p in dim.points], where)
+
+
+def _file_space(table: Mapping[str, Any], where: str) -> list[SearchParam]:
+    """The ``[sweep].param`` entries of a recipe file, read as a search space."""
+    space = []
+    for key, spec in flatten(dict(table.get("param", {}))).items():
+        key_where = f"{where}: sweep.param.{key}"
+        canonical = canonical_key(key, key_where)
+        if isinstance(spec, str) and _DISTRIBUTION.match(spec.strip()):
+            space.append(_parse_range(canonical, spec, key_where))
+        elif (isinstance(spec, list) and spec) or isinstance(spec, str):
+            dim = parse_sweep_table({"param": {key: spec}}, where)[0][0]
+            space.append(_categorical(canonical, [p[0] for p in dim.points], key_where))
+        else:
+            raise RecipeError(f"{key_where}: write a range 'A..B', 'A..B:log' or a list of choices")
+    return space
+
+
+# -- the compiled search -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the study searches: sampler, trial budget, what it optimises and how it prunes."""
+
+    sampler: str
+    trials: int
+    objective: str = DEFAULT_OBJECTIVE
+    direction: str = "maximize"
+    pruner: str = "halving"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler,
+            "trials": self.trials,
+            "objective": self.objective,
+            "direction": self.direction,
+            "pruner": self.pruner,
+        }
+
+
+@dataclass(frozen=True)
+class Search:
+    """A validated search: its base recipe, space and settings, and where it lives."""
+
+    sweep_id: str
+    source: Path
+    base: Recipe
+    space: tuple[SearchParam, ...]
+    settings: SearchSettings
+    slurm: dict[str, Any]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.space)
+
+    def folder(self, out: Path) -> Path:
+        return sweep_folder(out, self.sweep_id)
+
+
+def _choose(value: Any, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise InputError(f"{flag} {value}: choose one of {', '.join(allowed)}")
+    return str(value)
+
+
+def produced_metrics(recipe: Recipe) -> set[str]:
+    """The numbers a finished run of ``recipe`` writes into its summary (see ``Trainer.run``)."""
+    metrics = {"knn_top1", "wall_s", "imgs_per_s"}
+    if recipe.eval.linear:
+        metrics.add("linear_top1")
+    if recipe.eval.baselines:
+        metrics |= {"knn_top1_random", "knn_top1_pixels"}
+    return metrics
+
+
+def settings_from(table: Mapping[str, Any], flags: Mapping[str, Any]) -> SearchSettings:
+    """Flags (None when not given) over the ``[sweep]`` table's search keys."""
+
+    def pick(name: str, default: Any) -> Any:
+        value = flags.get(name)
+        return table.get(name, default) if value is None else value
+
+    sampler = _choose(pick("search", None), SAMPLERS, "--search")
+    trials = pick("trials", None)
+    if trials is None:
+        raise InputError(f"--search {sampler}: give the number of trials, e.g. --trials 20")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise InputError(f"--trials {trials}: needs at least 1 trial, e.g. --trials 20")
+    direction = _choose(pick("direction", "maximize"), DIRECTIONS, "--direction")
+    pruner = _choose(pick("pruner", "halving"), PRUNERS, "--pruner")
+    objective = str(pick("objective", DEFAULT_OBJECTIVE))
+    return SearchSettings(sampler, trials, objective, direction, pruner)
+
+
+def _check_no_grid(space: Sequence[SearchParam], grid: Sequence[Dimension]) -> None:
+    """A key searched and gridded is refused by name; other grid dimensions are refused too
+    (a trial is one run, so a search has no product to take)."""
+    searched = {p.key: p for p in space}
+    for dim in grid:
+        for key in dim.keys:
+            if key in searched:
+                raise RecipeError(
+                    f"{searched[key].source}: '{short_key(key)}' is searched and also in the grid "
+                    f"dimension {dim.source}: search it or grid it, not both"
+                )
+    if grid:
+        raise RecipeError(
+            f"{grid[0].source}: a search runs one run per trial and takes no grid dimension "
+            "(--zip, --seeds): drop it, or run a grid sweep without --search"
+        )
+
+
+def compile_search(
+    path: Path,
+    *,
+    flags: Mapping[str, Any],
+    params: Sequence[str] = (),
+    zips: Sequence[str] = (),
+    seeds: int | None = None,
+    overrides: Sequence[tuple[str, Any]] = (),
+) -> Search:
+    """Validate a search and everything its trials can be; writes nothing.
+
+    Each range's ends and each choice are resolved as a run's recipe would be, so a bound the key
+    does not allow (``m=0.9..1``) fails here, naming its ``--param``.
+    """
+    path = Path(path)
+    table = read_toml(path)
+    sweep_table = table.get("sweep", {})
+    parse_sweep_table({k: v for k, v in sweep_table.items() if k != "param"}, str(path))
+    settings = settings_from(sweep_table, flags)
+    flag_space = [parse_search_param(p) for p in params]
+    flag_keys = {p.key for p in flag_space}
+    space = [p for p in _file_space(sweep_table, str(path)) if p.key not in flag_keys]
+    space += flag_space
+    seen: set[str] = set()
+    for param in space:
+        if param.key in seen:
+            raise RecipeError(f"{param.source}: '{short_key(param.key)}' is searched twice")
+        seen.add(param.key)
+    if not space:
+        raise InputError(
+            "--search: give the space, e.g. --param lr=1e-3..1e-1:log --param T=0.05..0.5"
+        )
+    grid = [parse_zip(z) for z in zips] + parse_sweep_table(
+        {"zip": sweep_table.get("zip", [])}, str(path)
+    )[0]
+    seed_count = seeds if seeds is not None else sweep_table.get("seeds")
+    if seed_count is not None:
+        grid.append(Dimension((SEED_KEY,), (), f"--seeds {seed_count}"))
+    _check_no_grid(space, grid)
+    base = resolve(table, list(overrides), source=str(path), default_name=path.stem)
+    for param in space:
+        values = param.choices or (param.low, param.high)
+        for value in values:
+            resolve(
+                table,
+                [*overrides, (param.key, value)],
+                source=str(path),
+                default_name=path.stem,
+                override_sources={param.key: param.source},
+            )
+    produced = produced_metrics(base)
+    if settings.objective not in produced:
+        raise InputError(
+            f"--objective {settings.objective}: no run of this search produces it; choose one "
+            f"of {', '.join(sorted(produced))} (linear_top1 needs eval.linear = true)"
+        )
+    definition = {
+        "name": base.name,
+        "base_fingerprint": base.fingerprint,
+        "space": [p.as_json() for p in space],
+        "search": {k: v for k, v in settings.as_json().items() if k != "trials"},
+    }
+    blob = json.dumps(definition, sort_keys=True, default=str)
+    slurm = table.get("slurm", {})
+    if not isinstance(slurm, dict):
+        raise RecipeError(f"{path}: [slurm] must be a table")
+    return Search(
+        sweep_id=hashlib.sha256(blob.encode()).hexdigest()[:10],
+        source=path,
+        base=base,
+        space=tuple(space),
+        settings=settings,
+        slurm=slurm,
+    )
+
+
+def monitor_note(search: Search) -> str | None:
+    """Why no trial can be pruned, when that is so (the pruner needs the kNN monitor)."""
+    if search.settings.pruner == "none":
+        return None
+    if search.settings.objective != MONITOR:
+        return (
+            f"--pruner {search.settings.pruner}: only the {MONITOR} objective has values "
+            "during training (the kNN monitor), so no trial is pruned"
+        )
+    if not search.base.eval.every_epochs:
+        return (
+            f"--pruner {search.settings.pruner}: eval.every_epochs is 0, so no trial reports "
+            "intermediate values and none is pruned; set e.g. --set eval.every_epochs=1"
+        )
+    return None
+
+
+# -- the sweep folder --------------------------------------------------------------------------
+
+
+def write_search(search: Search, out: Path) -> Path:
+    """Create (or refresh) the sweep folder: base recipe, search definition, an empty or kept
+    run list. The study itself is created by the first worker."""
+    folder = search.folder(out)
+    atomic_write_text(folder / BASE, to_toml(search.base))
+    previous = read_json(folder / MANIFEST) or {}
+    manifest = {
+        "version": 1,
+        "sweep_id": search.sweep_id,
+        "created_at": previous.get("created_at", time.time()),
+        "definition": {"source": str(search.source), "name": search.base.name},
+        "swept_keys": list(search.keys),
+        "search": {**search.settings.as_json(), "space": [p.as_json() for p in search.space]},
+        "runs": previous.get("runs", []),
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    return folder
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A search as its workers read it back from the sweep folder."""
+
+    folder: Path
+    base_table: dict[str, Any]
+    space: tuple[SearchParam, ...]
+    settings: SearchSettings
+
+    @classmethod
+    def load(cls, folder: Path) -> SearchSpec:
+        folder = Path(folder)
+        manifest = read_json(folder / MANIFEST) or {}
+        search = manifest.get("search")
+        if not isinstance(search, dict):
+            raise InputError(f"{folder}: not a search's sweep folder (its manifest has no search)")
+        settings = SearchSettings(**{k: search[k] for k in SearchSettings.__dataclass_fields__})
+        space = tuple(SearchParam.from_json(p) for p in search["space"])
+        return cls(folder, read_toml(folder / BASE), space, settings)
+
+    @property
+    def out(self) -> Path:
+        return self.folder.resolve().parent.parent
+
+    def recipe(self, params: Mapping[str, Any]) -> Recipe:
+        """A trial's resolved recipe: the base with the trial's values."""
+        return resolve(self.base_table, list(params.items()), source=str(self.folder / BASE))
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {p.key: p.distribution() for p in self.space}
+
+
+def is_search(folder: Path) -> bool:
+    manifest = read_json(Path(folder) / MANIFEST) or {}
+    return isinstance(manifest.get("search"), dict)
+
+
+# -- the study ---------------------------------------------------------------------------------
+
+
+def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
+    """TPE starts from random trials: a quarter of the budget (Optuna's 10 at most), so that a
+    small budget is still mostly guided. ``constant_liar`` keeps parallel workers from asking
+    for the same point while earlier trials run."""
+    import optuna
+
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler()
+    startup = min(10, max(2, math.ceil(settings.trials / 4)))
+    return optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True)
+
+
+def _pruner(settings: SearchSettings, base: Recipe) -> optuna.pruners.BasePruner:
+    """Resources are epochs: the monitor reports at epoch ``every_epochs``, ``2 every_epochs``
+    and so on (its value for epoch e at step e)."""
+    import optuna
+
+    first = max(1, base.eval.every_epochs)
+    if settings.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first, max_resource=max(first, base.train.epochs)
+        )
+    return optuna.pruners.NopPruner()
+
+
+def journal_storage(folder: Path) -> optuna.storages.BaseStorage:
+    """Optuna's journal file storage in ``<sweep folder>/study/`` (every write an appended line
+    under a lock file that works on network file systems)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    study_dir = Path(folder) / STUDY
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = str(study_dir / JOURNAL)
+    return optuna.storages.JournalStorage(JournalFileBackend(path, JournalFileOpenLock(path)))
+
+
+def open_study(spec: SearchSpec) -> optuna.Study:
+    """The search's study, created by the first worker that asks."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = spec.recipe({})
+    return optuna.create_study(
+        study_name=spec.folder.name,
+        storage=journal_storage(spec.folder),
+        sampler=_sampler(spec.settings),
+        pruner=_pruner(spec.settings, base),
+        direction=spec.settings.direction,
+        load_if_exists=True,
+    )
+
+
+def read_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, read without creating anything ([] when no worker started yet)."""
+    import optuna
+
+    if not (Path(folder) / STUDY / JOURNAL).is_file():
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=Path(folder).name, storage=journal_storage(folder))
+    except KeyError:  # the journal holds no study yet
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+# -- reading a search back ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as ``cl status`` and ``cl report`` show it."""
+
+    number: int
+    state: str  # Optuna's: complete, pruned, fail, running, waiting
+    params: dict[str, Any]
+    value: float | None  # the final value, or the last intermediate one so far
+    run_id: str | None
+    steps: dict[int, float]  # intermediate values by epochs trained
+
+
+def trial_rows(folder: Path) -> list[TrialRow]:
+    """Every trial of the study in ``folder``, by number."""
+    rows = []
+    for trial in read_trials(folder):
+        value = trial.value
+        if value is None and trial.intermediate_values:
+            value = trial.intermediate_values[max(trial.intermediate_values)]
+        rows.append(
+            TrialRow(
+                number=trial.number,
+                state=trial.state.name.lower(),
+                params=dict(trial.params),
+                value=value,
+                run_id=trial.user_attrs.get("run_id"),
+                steps=dict(trial.intermediate_values),
+            )
+        )
+    return sorted(rows, key=lambda r: r.number)
+
+
+def best_rows(rows: Sequence[TrialRow], direction: str, count: int) -> list[TrialRow]:
+    """The ``count`` best finished trials (complete ones; pruned ones only rank below them)."""
+    done = [r for r in rows if r.state == "complete" and r.value is not None]
+    return sorted(done, key=lambda r: r.value if direction == "minimize" else -r.value)[:count]
+
+
+def summary_line(folder: Path) -> str:
+    """``N trials: a complete, b pruned, ...; best trial k: objective v (params)``."""
+    manifest = read_json(Path(folder) / MANIFEST) or {}
+    settings = manifest.get("search", {})
+    rows = trial_rows(folder)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+    text = f"{len(rows)} of {settings.get('trials')} trials: " + ", ".join(
+        f"{n} {state}" for state, n in sorted(counts.items())
+    )
+    best = best_rows(rows, settings.get("direction", "maximize"), 1)
+    if best:
+        objective = settings.get("objective")
+        text += f"; best trial {best[0].number}: {objective} {best[0].value:.4f}"
+        text += f" ({describe_params(best[0].params)})"
+    return text
+
+
+def describe_params(params: Mapping[str, Any]) -> str:
+    """``lr=0.0123 T=0.2``: a trial's values, short keys, four significant digits."""
+    return " ".join(
+        f"{short_key(k)}={v:.4g}" if isinstance(v, float) else f"{short_key(k)}={v}"
+        for k, v in params.items()
+    )
