@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
+from rich.table import Table
 
 from cltool.cli_common import (
     EXECUTORS,
@@ -30,6 +31,9 @@ from cltool.errors import CLToolError, InputError
 from cltool.signals import StopFlag
 from cltool.slurm_options import SlurmOptions
 from cltool.text import plural
+
+if TYPE_CHECKING:
+    from cltool.status import RunStatus
 
 console = RunConsole()
 
@@ -271,22 +275,39 @@ def status_command(
         choose(format_, FORMATS, "--format")
         manifest = load_manifest(sweep_dir)
         swept, sweep_id = manifest.get("swept_keys", []), manifest.get("sweep_id", sweep_dir.name)
-        title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"
+        searched = "search" in manifest
+
+        def table(statuses: list[RunStatus]) -> Table:
+            """The runs, and for a search its trials (state, values, objective so far)."""
+            title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"
+            if not searched:
+                return status_table(statuses, swept, title)
+            from cltool.search import status_columns, summary_line, trial_rows
+
+            extra = status_columns(sweep_dir, trial_rows(sweep_dir))
+            title = f"search {sweep_id}: {summary_line(sweep_dir)}"
+            return status_table(statuses, swept, title, extra=extra)
+
         statuses = sweep_status(sweep_dir)
         if watch and format_ == "table" and console.is_terminal:
-            with Live(status_table(statuses, swept, title), console=console) as live:
+            with Live(table(statuses), console=console) as live:
                 while not settled(statuses):
                     time.sleep(interval)
                     statuses = sweep_status(sweep_dir)
-                    live.update(status_table(statuses, swept, title))
+                    live.update(table(statuses))
         else:
             while watch and not settled(statuses):
                 time.sleep(interval)
                 statuses = sweep_status(sweep_dir)
             if format_ == "json":
-                print(json.dumps(as_json(sweep_id, statuses), indent=2))
+                result = as_json(sweep_id, statuses)
+                if searched:
+                    from cltool.search import trial_rows
+
+                    result["trials"] = [asdict(row) for row in trial_rows(sweep_dir)]
+                print(json.dumps(result, indent=2))
             else:
-                console.print(status_table(statuses, swept, title))
+                console.print(table(statuses))
     code = exit_code(statuses)
     if code:
         raise typer.Exit(code)

@@ -581,3 +581,18 @@ def describe_params(params: Mapping[str, Any]) -> str:
         f"{short_key(k)}={v:.4g}" if isinstance(v, float) else f"{short_key(k)}={v}"
         for k, v in params.items()
     )
+
+
+def status_columns(folder: Path, rows: Sequence[TrialRow]) -> dict[str, dict[str, str]]:
+    """``cl status``'s extra columns for a search: each run's trial numbers and the objective
+    so far (its latest trial's final value, else its last intermediate one)."""
+    objective = (read_json(Path(folder) / MANIFEST) or {}).get("search", {}).get("objective")
+    trials: dict[str, list[str]] = {}
+    values: dict[str, str] = {}
+    for row in rows:
+        if row.run_id is None:
+            continue
+        trials.setdefault(row.run_id, []).append(str(row.number))
+        if row.value is not None:
+            values[row.run_id] = f"{row.value:.4g}"
+    return {"trial": {k: ",".join(v) for k, v in trials.items()}, str(objective): values}
