@@ -501,18 +501,23 @@ def open_study(spec: SearchSpec) -> optuna.Study:
     )
 
 
-def read_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials, read without creating anything ([] when no worker started yet)."""
+def load_study(folder: Path) -> optuna.Study | None:
+    """The study in ``folder``, read without creating anything (None before any worker)."""
     import optuna
 
     if not (Path(folder) / STUDY / JOURNAL).is_file():
-        return []
+        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=Path(folder).name, storage=journal_storage(folder))
+        return optuna.load_study(study_name=Path(folder).name, storage=journal_storage(folder))
     except KeyError:  # the journal holds no study yet
-        return []
-    return study.get_trials(deepcopy=False)
+        return None
+
+
+def read_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials ([] when no worker started yet)."""
+    study = load_study(folder)
+    return [] if study is None else study.get_trials(deepcopy=False)
 
 
 # -- reading a search back ---------------------------------------------------------------------

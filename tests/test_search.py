@@ -209,6 +209,21 @@ def test_a_six_trial_search_with_pruning_runs_to_the_end_with_two_workers(
     assert len(report["trials"]) == 6
     table = invoke("status", folder)
     assert "pruned" in table.output and "trial" in table.output
+
+    from cltool.cli import app
+
+    shown = CliRunner().invoke(app, ["report", str(folder), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    reported = json.loads(shown.stdout)
+    pruned_runs = sum(g["pruned"] for g in reported["groups"])
+    assert pruned_runs == sum(t.state.name == "PRUNED" for t in trials)
+    assert reported["search"]["counts"]["pruned"] == pruned_runs
+    best = reported["search"]["best"][0]
+    assert best == max((t for t in trials if t.value is not None and t.state.name == "COMPLETE"),
+                       key=lambda t: t.value).number  # fmt: skip
+    figure = tmp_path / "search.png"
+    drawn = CliRunner().invoke(app, ["report", str(folder), "--plot", str(figure)])
+    assert drawn.exit_code == 0 and (tmp_path / "search-search.png").stat().st_size > 0
     print(f"6-trial search, 2 workers: {time.monotonic() - started:.1f} s")
 
 
