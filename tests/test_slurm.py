@@ -251,3 +251,35 @@ def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> N
         subprocess.run(["scancel", job_id], timeout=20, check=False)
     summary = run_dir.summary()
     assert summary["world_size"] == 2 and summary["epochs_done"] == 1
+
+
+def test_a_two_worker_array_completes_a_small_study(tmp_path: Path) -> None:
+    """``cl sweep --search --executor slurm --workers 2``: one array of two workers shares the
+    study in the sweep folder, each asking for the next trial until all are finished."""
+    from cltool.search import read_trials
+
+    started = time.monotonic()
+    short = [*(s for s in TINY if not s.startswith(("train.epochs", "eval.every"))),
+             "train.epochs=2", "eval.every_epochs=1", "data.num_train=128"]  # fmt: skip
+    result = invoke(
+        "sweep", MOCO, "--search", "random", "--trials", 4, "--param", "lr=1e-3..1e-1:log",
+        "--param", "T=0.05..0.5", *sets(short), *SLURM, "--workers", 2, "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    array = result.output.split("submitted job array ")[1].split()[0]
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    try:
+        finished = lambda: sum(t.state.is_finished() for t in read_trials(folder)) == 4  # noqa: E731
+        wait_for(finished, 300, "the two workers to finish 4 trials")
+    finally:
+        subprocess.run(["scancel", array], timeout=20, check=False)
+    trials = read_trials(folder)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    workers = {t.user_attrs["claim"]["worker"] for t in trials}
+    assert workers <= {f"slurm-{array}_0", f"slurm-{array}_1"}, workers
+    for entry in load_manifest(folder)["runs"]:
+        assert RunDir(tmp_path / entry["run_dir"]).state()["status"] in ("done", "pruned")
+    status = invoke("status", folder)
+    assert status.exit_code == 0, status.output
+    print(f"2-worker search array: {time.monotonic() - started:.1f} s ({len(workers)} workers)")
