@@ -115,8 +115,9 @@ def run_search(
         soft_wrap=True,
     )
     if options is not None:
-        array = launch.submit_search(folder, options, workers or 1)
-        console.print(f"submitted job array {array} ({plural(workers or 1, 'worker')})")
+        job = launch.submit_search(folder, options, workers or 1)
+        kind = "job array" if (workers or 1) > 1 else "job"
+        console.print(f"submitted {kind} {job} ({plural(workers or 1, 'worker')})")
     elif jobs > 1:
         codes = launch.run_search_workers(folder, jobs)
         if any(codes):
