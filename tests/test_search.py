@@ -264,3 +264,21 @@ def test_a_killed_search_rerun_finishes_the_same_study_without_repeating_trials(
     for number, trial in before.items():  # values kept, an interrupted trial resumed as itself
         assert after[number].params == trial.params
     print(f"killed and rerun search: {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_trial_whose_recipe_is_a_finished_run_reuses_its_result(tmp_path: Path) -> None:
+    """Two choices, three trials: some trial repeats a recipe and takes its run's result."""
+    args = ["sweep", MOCO, "--search", "random", "--trials", "3", "--param", "m=0.9,0.99"]
+    result = invoke(*args, "--pruner", "none", *sets(TINY), "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    trials = read_trials(folder)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    runs = load_manifest(folder)["runs"]
+    assert len(runs) < 3 and sorted(n for r in runs for n in r["trials"]) == [0, 1, 2]
+    for entry in runs:
+        run_dir = RunDir(tmp_path / entry["run_dir"])
+        values = {t.value for t in trials if t.user_attrs["run_id"] == entry["run_id"]}
+        assert values == {run_dir.summary()["knn_top1"]}
+        assert run_dir.log.read_text().count(f"run {entry['run_id']}: ") == 1  # trained once
