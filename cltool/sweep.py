@@ -307,6 +307,24 @@ def describe_sweep_keys() -> list[tuple[str, str, str]]:
             "-",
             "cl sweep: N runs per point, train.seed + 0..N-1 (--seeds replaces it)",
         ),
+        (
+            "sweep.search",
+            "-",
+            "cl sweep: tpe or random: search instead of a grid; sweep.param values are then "
+            "ranges 'A..B', 'A..B:log' or lists of choices (--search replaces it)",
+        ),
+        ("sweep.trials", "-", "cl sweep: trials of a search (--trials replaces it)"),
+        (
+            "sweep.objective",
+            "knn_top1",
+            "cl sweep: summary metric a search optimises (--objective replaces it)",
+        ),
+        ("sweep.direction", "maximize", "cl sweep: maximize or minimize the objective"),
+        (
+            "sweep.pruner",
+            "halving",
+            "cl sweep: halving, hyperband or none: early stopping on the kNN monitor",
+        ),
     ]
 
 
