@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cltool.errors import InputError, RecipeError
-from cltool.recipe import (  # _field_type: int or float, which picks the range's kind
+from cltool.recipe import (
     Recipe,
-    _field_type,
     canonical_key,
+    expects_integer,
+    expects_number,
     flatten,
     read_toml,
     resolve,
@@ -64,9 +65,9 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("halving", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
-DEFAULT_OBJECTIVE = "knn_top1"
 #: The metric the kNN monitor writes into epoch records: the only one with intermediate values.
 MONITOR = "knn_top1"
+DEFAULT_OBJECTIVE = MONITOR
 STUDY = "study"
 JOURNAL = "journal.log"
 BASE = "base.toml"
@@ -137,26 +138,23 @@ def is_distribution(text: str) -> bool:
 
 
 def _parse_range(key: str, text: str, where: str) -> SearchParam:
-    """``A..B`` or ``A..B:log`` for ``key``; an int key gets an integer range."""
+    """``A..B`` or ``A..B:log`` for ``key``; an integer key gets an integer range."""
     match = _DISTRIBUTION.match(text.strip())
     assert match is not None
-    ends = []
-    for end in (match["a"], match["b"]):
-        try:
-            ends.append(float(end) if _field_type(key) is float else int(end))
-        except ValueError:
-            kind = "a number" if _field_type(key) is float else "a whole number"
-            raise RecipeError(
-                f"{where}: '{end}' is not {kind}; write {short_key(key)}=A..B"
-            ) from None
-    low, high = ends
+    if not expects_number(key):
+        raise RecipeError(f"{where}: '{key}' is not a number: give its choices, KEY=v1,v2")
+    integral = expects_integer(key)
+    try:
+        low, high = ((int if integral else float)(end) for end in (match["a"], match["b"]))
+    except ValueError:
+        kind = "whole numbers" if integral else "numbers"
+        raise RecipeError(f"{where}: the ends must be {kind}, e.g. {short_key(key)}=A..B") from None
     log = match["log"] is not None
     if not low < high:
         raise RecipeError(f"{where}: the range needs A < B, got {low}..{high}")
     if log and low <= 0:
         raise RecipeError(f"{where}: a log range needs A > 0, got {low}; drop ':log' or raise A")
-    kind = "float" if _field_type(key) is float else "int"
-    return SearchParam(key, kind, low, high, log, source=where)
+    return SearchParam(key, "int" if integral else "float", low, high, log, source=where)
 
 
 def _categorical(key: str, values: Sequence[Any], where: str) -> SearchParam:

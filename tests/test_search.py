@@ -78,7 +78,8 @@ def test_params_become_ranges_log_ranges_integer_ranges_and_choices() -> None:
         (["--param", "m=0.9..1"], "--param m=0.9..1"),  # m must stay below 1
         (["--param", "lr=0.1..0.001"], "needs A < B"),
         (["--param", "lr=0..0.1:log"], "a log range needs A > 0"),
-        (["--param", "K=1.5..8"], "is not a whole number"),
+        (["--param", "K=1.5..8"], "the ends must be whole numbers"),
+        (["--param", "method=a..b"], "is not a number: give its choices"),
         (["--param", "T=0.1..0.5", "--zip", "T,K=0.1:1024,0.2:4096"], "search it or grid it"),
         (["--param", "T=0.1..0.5", "--seeds", "2"], "takes no grid dimension"),
         (["--param", "T=0.1..0.5", "--objective", "linear_top1"], "--objective linear_top1"),
