@@ -28,7 +28,7 @@ SEARCH_FLAGS = ("trials", "objective", "direction", "pruner", "workers")
 
 def refuse_search_flags(flags: dict[str, Any], params: list[str]) -> None:
     """A grid sweep given a search's flag or a distribution: one line saying to add --search."""
-    from cltool.search import is_distribution
+    from cltool.search_space import is_distribution
 
     given = [name for name in SEARCH_FLAGS if flags.get(name) is not None]
     if given:

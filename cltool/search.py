@@ -1,13 +1,7 @@
 """Searches: a sweep whose points come from an Optuna study instead of a product of dimensions.
 
 On the command line (``cl sweep RECIPE --search tpe|random --trials N ...``), each ``--param``
-is one dimension of the search space::
-
-    --param KEY=A..B          a continuous range, uniform (an integer range for an int key)
-    --param KEY=A..B:log      the same, uniform in log space (A > 0)
-    --param KEY=V1,V2,...     categorical choices (a grid range such as A..B:lin:N gives its
-                              values as the choices)
-
+is one dimension of the search space (:mod:`cltool.search_space`: ranges, log ranges, choices).
 The same lives in the recipe's ``[sweep]`` table (``search``, ``trials``, ``objective``,
 ``direction``, ``pruner``; ``param`` values as lists or range strings); flags replace it.
 
@@ -29,30 +23,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
     Recipe,
-    canonical_key,
-    expects_integer,
-    expects_number,
-    flatten,
     read_toml,
     resolve,
     short_key,
     to_toml,
 )
+from cltool.search_space import SearchParam, describe_params, file_space, parse_search_param
 from cltool.sweep import (
     MANIFEST,
     SEED_KEY,
     Dimension,
-    parse_param,
     parse_sweep_table,
     parse_zip,
     sweep_folder,
@@ -71,127 +60,6 @@ DEFAULT_OBJECTIVE = MONITOR
 STUDY = "study"
 JOURNAL = "journal.log"
 BASE = "base.toml"
-
-_DISTRIBUTION = re.compile(r"^(?P<a>[^:,]+?)\.\.(?P<b>[^:,]+?)(?::(?P<log>log))?$")
-
-
-@dataclass(frozen=True)
-class SearchParam:
-    """One dimension of the search space: a float or int range (uniform or log) or choices."""
-
-    key: str
-    kind: str  # "float", "int" or "categorical"
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    choices: tuple[Any, ...] = ()
-    #: Where it was given, named by its errors; not part of the search's identity.
-    source: str = field(default="", compare=False)
-
-    def distribution(self) -> optuna.distributions.BaseDistribution:
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
-        if self.kind == "categorical":
-            return CategoricalDistribution(self.choices)
-        if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log)  # type: ignore[arg-type]
-        return FloatDistribution(float(self.low), float(self.high), log=self.log)  # type: ignore[arg-type]
-
-    def as_json(self) -> dict[str, Any]:
-        if self.kind == "categorical":
-            return {"key": self.key, "kind": self.kind, "choices": list(self.choices)}
-        return {
-            "key": self.key,
-            "kind": self.kind,
-            "low": self.low,
-            "high": self.high,
-            "log": self.log,
-        }
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> SearchParam:
-        return cls(
-            key=value["key"],
-            kind=value["kind"],
-            low=value.get("low"),
-            high=value.get("high"),
-            log=bool(value.get("log", False)),
-            choices=tuple(value.get("choices", ())),
-        )
-
-    def describe(self) -> str:
-        """As it would be written on the command line."""
-        name = short_key(self.key)
-        if self.kind == "categorical":
-            return f"{name}=" + ",".join(str(c) for c in self.choices)
-        return f"{name}={self.low}..{self.high}" + (":log" if self.log else "")
-
-
-def is_distribution(text: str) -> bool:
-    """Whether ``--param`` text is ``KEY=A..B`` or ``KEY=A..B:log`` (a search's range)."""
-    _, _, rest = text.partition("=")
-    return _DISTRIBUTION.match(rest.strip()) is not None
-
-
-def _parse_range(key: str, text: str, where: str) -> SearchParam:
-    """``A..B`` or ``A..B:log`` for ``key``; an integer key gets an integer range."""
-    match = _DISTRIBUTION.match(text.strip())
-    assert match is not None
-    if not expects_number(key):
-        raise RecipeError(f"{where}: '{key}' is not a number: give its choices, KEY=v1,v2")
-    integral = expects_integer(key)
-    try:
-        low, high = ((int if integral else float)(end) for end in (match["a"], match["b"]))
-    except ValueError:
-        kind = "whole numbers" if integral else "numbers"
-        raise RecipeError(f"{where}: the ends must be {kind}, e.g. {short_key(key)}=A..B") from None
-    log = match["log"] is not None
-    if not low < high:
-        raise RecipeError(f"{where}: the range needs A < B, got {low}..{high}")
-    if log and low <= 0:
-        raise RecipeError(f"{where}: a log range needs A > 0, got {low}; drop ':log' or raise A")
-    return SearchParam(key, "int" if integral else "float", low, high, log, source=where)
-
-
-def _categorical(key: str, values: Sequence[Any], where: str) -> SearchParam:
-    """Choices Optuna can store (numbers, strings, booleans), duplicates dropped."""
-    choices = tuple(dict.fromkeys(values))
-    if any(not isinstance(v, bool | int | float | str) for v in choices):
-        raise RecipeError(f"{where}: a searched choice must be a number, string or boolean")
-    return SearchParam(key, "categorical", choices=choices, source=where)
-
-
-def parse_search_param(text: str) -> SearchParam:
-    """One ``--param`` of a search: a range (``A..B``, ``A..B:log``) or choices."""
-    where = f"--param {text}"
-    key, sep, rest = text.partition("=")
-    if not sep or not key.strip() or not rest.strip():
-        raise RecipeError(f"{where}: expected KEY=A..B, KEY=A..B:log or KEY=V1,V2,...")
-    key = canonical_key(key.strip(), where)
-    if _DISTRIBUTION.match(rest.strip()):
-        return _parse_range(key, rest, where)
-    dim = parse_param(text)
-    return _categorical(key, [p[0] for p in dim.points], where)
-
-
-def _file_space(table: Mapping[str, Any], where: str) -> list[SearchParam]:
-    """The ``[sweep].param`` entries of a recipe file, read as a search space."""
-    space = []
-    for key, spec in flatten(dict(table.get("param", {}))).items():
-        key_where = f"{where}: sweep.param.{key}"
-        canonical = canonical_key(key, key_where)
-        if isinstance(spec, str) and _DISTRIBUTION.match(spec.strip()):
-            space.append(_parse_range(canonical, spec, key_where))
-        elif (isinstance(spec, list) and spec) or isinstance(spec, str):
-            dim = parse_sweep_table({"param": {key: spec}}, where)[0][0]
-            space.append(_categorical(canonical, [p[0] for p in dim.points], key_where))
-        else:
-            raise RecipeError(f"{key_where}: write a range 'A..B', 'A..B:log' or a list of choices")
-    return space
 
 
 # -- the compiled search -----------------------------------------------------------------------
@@ -310,7 +178,7 @@ def compile_search(
     settings = settings_from(sweep_table, flags)
     flag_space = [parse_search_param(p) for p in params]
     flag_keys = {p.key for p in flag_space}
-    space = [p for p in _file_space(sweep_table, str(path)) if p.key not in flag_keys]
+    space = [p for p in file_space(sweep_table, str(path)) if p.key not in flag_keys]
     space += flag_space
     seen: set[str] = set()
     for param in space:
@@ -576,14 +444,6 @@ def summary_line(folder: Path) -> str:
         text += f"; best trial {best[0].number}: {objective} {best[0].value:.4f}"
         text += f" ({describe_params(best[0].params)})"
     return text
-
-
-def describe_params(params: Mapping[str, Any]) -> str:
-    """``lr=0.0123 T=0.2``: a trial's values, short keys, four significant digits."""
-    return " ".join(
-        f"{short_key(k)}={v:.4g}" if isinstance(v, float) else f"{short_key(k)}={v}"
-        for k, v in params.items()
-    )
 
 
 def status_columns(folder: Path, rows: Sequence[TrialRow]) -> dict[str, dict[str, str]]:

@@ -37,7 +37,8 @@ from optuna.trial import TrialState
 from cltool.lock import RunHeld, RunLock, read_holder, slurm_job
 from cltool.recipe import Recipe, to_toml
 from cltool.runstate import PRUNED, run_state
-from cltool.search import MONITOR, STUDY, SearchSpec, describe_params, open_study
+from cltool.search import MONITOR, STUDY, SearchSpec, open_study
+from cltool.search_space import describe_params
 from cltool.sweep import MANIFEST, RECIPES, load_manifest
 from cltool.track import DONE, FAILED, LOCK, RunDir, atomic_write_json, atomic_write_text
 

@@ -25,10 +25,10 @@ from cltool.search import (
     SearchSpec,
     compile_search,
     open_study,
-    parse_search_param,
     read_trials,
     write_search,
 )
+from cltool.search_space import parse_search_param
 from cltool.search_worker import WORKERS, next_trial, worker_name
 from cltool.sweep import load_manifest
 from cltool.track import DONE, RunDir

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cltool.recipe import short_key
-from cltool.search import SearchParam, TrialRow, best_rows, is_search, load_study, trial_rows
+from cltool.search import TrialRow, best_rows, is_search, load_study, trial_rows
+from cltool.search_space import SearchParam
 from cltool.sweep import MANIFEST
 from cltool.track import read_json
 
