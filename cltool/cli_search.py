@@ -8,6 +8,7 @@ only once a search runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -119,7 +120,7 @@ def run_search(
         kind = "job array" if (workers or 1) > 1 else "job"
         console.print(f"submitted {kind} {job} ({plural(workers or 1, 'worker')})")
     elif jobs > 1:
-        codes = launch.run_search_workers(folder, jobs)
+        codes = launch.run_search_workers(folder, jobs, _progress(console, folder))
         if any(codes):
             raise CLToolError(f"a search worker failed: see {folder / 'logs'}")
     else:
@@ -130,6 +131,28 @@ def run_search(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _progress(console: Console, folder: Path) -> Callable[[], None]:
+    """A line for each trial as it ends, read from the study (the workers write their own
+    lines into the sweep folder's logs/)."""
+    from cltool.search import trial_rows
+    from cltool.search_space import describe_params
+
+    shown: set[int] = set()
+
+    def tick() -> None:
+        for row in trial_rows(folder):
+            if row.number in shown or row.state not in ("complete", "pruned", "fail"):
+                continue
+            shown.add(row.number)
+            value = "" if row.value is None else f" {row.value:.4g}"
+            console.print(
+                f"trial {row.number}: {row.state}{value} ({describe_params(row.params)})",
+                highlight=False,
+            )
+
+    return tick
 
 
 def _work_here(console: Console, folder: Path) -> None:

@@ -471,9 +471,10 @@ def submit_search(folder: Path, options: SlurmOptions, workers: int) -> str:
     return jobs[0].job_id.partition("_")[0]
 
 
-def run_search_workers(folder: Path, jobs: int) -> list[int]:
+def run_search_workers(folder: Path, jobs: int, tick: Callable[[], None]) -> list[int]:
     """``jobs`` local workers of the search in ``folder`` as subprocesses (logs in the sweep
-    folder's ``logs/``); their exit codes. Ctrl-C stops each at its next step boundary."""
+    folder's ``logs/``); their exit codes. ``tick`` is called every second meanwhile (to show
+    progress). Ctrl-C stops each worker at its next step boundary."""
     logs = Path(folder) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = []
@@ -485,7 +486,11 @@ def run_search_workers(folder: Path, jobs: int) -> list[int]:
                 )
             )
     try:
-        return [process.wait() for process in processes]
+        while any(process.poll() is None for process in processes):
+            tick()
+            time.sleep(1.0)
+        tick()
+        return [process.returncode for process in processes]
     except KeyboardInterrupt:
         for process in processes:
             process.send_signal(signal.SIGTERM)
