@@ -42,14 +42,18 @@ def refuse_search_flags(flags: dict[str, Any], params: list[str]) -> None:
             )
 
 
-def space_table(search: Any) -> Table:
-    """The space and settings of a search (``--dry-run``)."""
+def describe_search(search: Any) -> str:
+    """``search ID: tpe, 30 trials, maximize knn_top1, pruner halving``."""
     settings = search.settings
-    table = Table(
-        title=f"search {search.sweep_id}: {settings.sampler}, {plural(settings.trials, 'trial')}, "
-        f"{settings.direction} {settings.objective}, pruner {settings.pruner}",
-        title_justify="left",
+    return (
+        f"search {search.sweep_id}: {settings.sampler}, {plural(settings.trials, 'trial')}, "
+        f"{settings.direction} {settings.objective}, pruner {settings.pruner}"
     )
+
+
+def space_table(search: Any) -> Table:
+    """The space of a search (``--dry-run``): each key and what it is searched over."""
+    table = Table()
     table.add_column("key")
     table.add_column("searched over")
     for param in search.space:
@@ -96,6 +100,7 @@ def run_search(
             launch.require_sbatch()
     note = monitor_note(search)
     if dry_run:
+        console.print(describe_search(search), highlight=False, soft_wrap=True)
         console.print(space_table(search))
         if note:
             console.print(f"note: {note}", highlight=False)

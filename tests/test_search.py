@@ -283,3 +283,13 @@ def test_a_trial_whose_recipe_is_a_finished_run_reuses_its_result(tmp_path: Path
         values = {t.value for t in trials if t.user_attrs["run_id"] == entry["run_id"]}
         assert values == {run_dir.summary()["knn_top1"]}
         assert run_dir.log.read_text().count(f"run {entry['run_id']}: ") == 1  # trained once
+
+
+def test_a_slurm_search_dry_run_shows_the_space_and_the_workers_array(tmp_path: Path) -> None:
+    args = ["sweep", MOCO, "--search", "tpe", "--trials", 8, *SPACE, "--param", "m=0.9,0.99"]
+    result = invoke(*args, "--executor", "slurm", "--workers", 3, "--dry-run", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "tpe, 8 trials, maximize knn_top1, pruner halving" in result.output
+    assert "0.001..0.1:log" in result.output and "0.9,0.99" in result.output
+    assert "#SBATCH --array=0-2" in result.output and "array of 3 workers" in result.output
+    assert not (tmp_path / "sweeps").exists()
