@@ -34,8 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LR = (0.01, 0.3)
 T = (0.05, 0.5)
 M = (0.9, 0.99, 0.999)
-#: The value a dimension of one grid point takes: the recipe's own.
-DEFAULTS = {"lr": 0.06, "T": 0.2, "m": 0.99}
 
 
 def cl(*args: str, threads: int) -> float:
@@ -64,38 +62,33 @@ def runs_of(folder: Path) -> list[Path]:
 
 
 def grid_counts(points: int) -> dict[str, int]:
-    """Values per key for a grid of at most ``points`` runs, as even as the keys allow (m has
-    three choices); at least one point."""
-    counts = {"lr": 1, "T": 1, "m": 1}
-    while True:
-        grown = False
-        for key in sorted(counts, key=counts.get):
-            if key == "m" and counts["m"] == len(M):
-                continue
-            if math.prod(counts.values()) // counts[key] * (counts[key] + 1) <= points:
-                counts[key] += 1
-                grown = True
-                break
-        if not grown:
-            return counts
+    """Values per key (lr, T, m; m has three choices) for the largest grid of at most
+    ``points`` runs, the most even one among equals (then more lr values, then T); at least
+    one point."""
+    shapes = [
+        (lr, t, m)
+        for lr in range(1, points + 1)
+        for t in range(1, points + 1)
+        for m in range(1, len(M) + 1)
+        if lr * t * m <= max(points, 1)
+    ]
+    lr, t, m = max(shapes, key=lambda s: (math.prod(s), min(s) - max(s), s))  # lr, T first
+    return {"lr": lr, "T": t, "m": m}
 
 
-def spaced(low: float, high: float, count: int, log: bool, default: float) -> list[float]:
-    if count == 1:
-        return [default]
+def spaced(low: float, high: float, count: int, log: bool) -> list[float]:
+    """``count`` values at the centres of equal cells of the range (in log space for ``log``):
+    where a grid of that size puts its points, ends left out (a 2-point grid of the ends would
+    test only the extremes)."""
     if log:
-        step = (math.log(high) - math.log(low)) / (count - 1)
-        return [round(math.exp(math.log(low) + i * step), 6) for i in range(count)]
-    return [round(low + i * (high - low) / (count - 1), 6) for i in range(count)]
+        low, high = math.log(low), math.log(high)
+    points = [low + (i + 0.5) * (high - low) / count for i in range(count)]
+    return [round(math.exp(p) if log else p, 6) for p in points]
 
 
 def grid_values(counts: dict[str, int]) -> dict[str, list[float]]:
-    m = {1: [DEFAULTS["m"]], 2: [M[0], M[-1]], 3: list(M)}[counts["m"]]
-    return {
-        "lr": spaced(*LR, counts["lr"], True, DEFAULTS["lr"]),
-        "T": spaced(*T, counts["T"], False, DEFAULTS["T"]),
-        "m": m,
-    }
+    m = {1: [M[1]], 2: [M[0], M[-1]], 3: list(M)}[counts["m"]]
+    return {"lr": spaced(*LR, counts["lr"], True), "T": spaced(*T, counts["T"], False), "m": m}
 
 
 def repetition(args: argparse.Namespace, rep: int, out: Path) -> list[dict[str, Any]]:
