@@ -73,13 +73,13 @@ class Claim:
         return f"trial {self.number}: run {self.recipe.fingerprint} {describe_params(self.params)}"
 
 
-def _held(folder: Path, sleep: Callable[[float], None] = time.sleep) -> RunLock:
+def _held(folder: Path) -> RunLock:
     """The study's lock, waiting while another worker holds it (a dead one's is taken over)."""
     while True:
         try:
             return RunLock(folder).acquire()
         except RunHeld:
-            sleep(POLL_S)
+            time.sleep(POLL_S)
 
 
 def _abandoned(trial: optuna.trial.FrozenTrial, workers: Path) -> bool:
@@ -87,10 +87,6 @@ def _abandoned(trial: optuna.trial.FrozenTrial, workers: Path) -> bool:
     claim = trial.user_attrs.get(CLAIM) or {}
     holder = read_holder(workers / str(claim.get("worker")) / LOCK)
     return holder is None or holder.token != claim.get("token") or holder.gone() is not None
-
-
-def _finished(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state.is_finished()
 
 
 def next_trial(study: optuna.Study, spec: SearchSpec, name: str, token: str) -> Claim | None:
@@ -102,11 +98,11 @@ def next_trial(study: optuna.Study, spec: SearchSpec, name: str, token: str) -> 
         running = [t for t in trials if t.state == TrialState.RUNNING]
         abandoned = [t for t in running if _abandoned(t, spec.folder / STUDY / WORKERS)]
         if abandoned:
-            # Optuna's public API continues a trial only in the process that asked for it;
-            # a Trial built on the stored trial's id is how its own optimize() does it.
+            # Optuna continues a trial only in the process that asked for it; Study.ask itself
+            # wraps the stored trial's id in a Trial, as done here.
             trial = optuna.trial.Trial(study, abandoned[0]._trial_id)
             reported = frozenset(abandoned[0].intermediate_values)
-        elif sum(map(_finished, trials)) + len(running) < spec.settings.trials:
+        elif sum(t.state.is_finished() for t in trials) + len(running) < spec.settings.trials:
             trial, reported = study.ask(spec.distributions()), frozenset()
         else:
             return None
