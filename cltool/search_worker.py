@@ -183,12 +183,15 @@ def run_trial(
             reported.add(step)
         return trial.should_prune()
 
+    def reason(step: int, value: float) -> str:
+        return f"pruned by the search at epoch {step}/{epochs} ({MONITOR} {value:.4f})"
+
     def prune(record: dict[str, Any]) -> str | None:
         value = record.get(settings.objective)
         step = int(record["epoch"]) + 1
         if not isinstance(value, int | float) or not judge(step, float(value)):
             return None
-        return f"pruned by the search at epoch {step}/{epochs} ({MONITOR} {value:.4f})"
+        return reason(step, value)
 
     monitored = settings.objective == MONITOR
     replayed = recorded_values(claim.run_dir, settings.objective) if monitored else {}
@@ -197,10 +200,7 @@ def run_trial(
     if state != DONE and (state == PRUNED or (verdicts and verdicts[-1])):
         if state != PRUNED:
             step = max(replayed)
-            reason = (
-                f"pruned by the search at epoch {step}/{epochs} ({MONITOR} {replayed[step]:.4f})"
-            )
-            claim.run_dir.write_state(PRUNED, reason=reason)
+            claim.run_dir.write_state(PRUNED, reason=reason(step, replayed[step]))
         study.tell(trial, state=TrialState.PRUNED)
         return PRUNED
     while True:
