@@ -293,3 +293,14 @@ def test_a_slurm_search_dry_run_shows_the_space_and_the_workers_array(tmp_path: 
     assert "0.001..0.1:log" in result.output and "0.9,0.99" in result.output
     assert "#SBATCH --array=0-2" in result.output and "array of 3 workers" in result.output
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_pruned_run_is_pruned_even_while_its_worker_job_runs_on(tmp_path: Path) -> None:
+    """The worker that pruned a trial goes on to the next one in the same SLURM job: the queue
+    says running, the run is pruned all the same, with its reason."""
+    run_dir = RunDir(tmp_path / "moco" / "abc")
+    run_dir.path.mkdir(parents=True)
+    run_dir.write_state(PRUNED, reason="pruned by the search at epoch 2/10 (knn_top1 41.0000)")
+    submission = {"executor": "slurm", "job_id": "7_1"}
+    state = run_state(run_dir, submission, {"7_1": "RUNNING"})
+    assert (state.name, state.reason) == (PRUNED, run_dir.state()["reason"])
