@@ -265,7 +265,8 @@ def status_command(
 ) -> None:
     """Show the state of every run of a sweep: state, epoch, last loss, ETA, job id.
 
-    Exit code: 0 when every run is done, 3 when any failed, 1 otherwise (queued, running, lost).
+    Exit code: 0 when every run is done (or pruned by its search, and the search has all its
+    trials), 3 when any failed, 1 otherwise (queued, running, lost, trials to come).
     Without a terminal, `--watch` waits quietly and prints the final table once.
     """
     from cltool.status import as_json, exit_code, settled, status_table, sweep_status
@@ -288,15 +289,24 @@ def status_command(
             title = f"search {sweep_id}: {summary_line(sweep_dir)}"
             return status_table(statuses, swept, title, extra=extra)
 
+        def to_come() -> bool:
+            """A search with trials still to take (between two trials, no run is active)."""
+            from cltool.search import trials_to_come
+
+            return searched and trials_to_come(sweep_dir)
+
+        def done_watching(statuses: list[RunStatus]) -> bool:
+            return settled(statuses) and not to_come()
+
         statuses = sweep_status(sweep_dir)
         if watch and format_ == "table" and console.is_terminal:
             with Live(table(statuses), console=console) as live:
-                while not settled(statuses):
+                while not done_watching(statuses):
                     time.sleep(interval)
                     statuses = sweep_status(sweep_dir)
                     live.update(table(statuses))
         else:
-            while watch and not settled(statuses):
+            while watch and not done_watching(statuses):
                 time.sleep(interval)
                 statuses = sweep_status(sweep_dir)
             if format_ == "json":
@@ -308,7 +318,7 @@ def status_command(
                 print(json.dumps(result, indent=2))
             else:
                 console.print(table(statuses))
-    code = exit_code(statuses)
+    code = exit_code(statuses) or int(to_come())
     if code:
         raise typer.Exit(code)
 

@@ -427,6 +427,12 @@ def best_rows(rows: Sequence[TrialRow], direction: str, count: int) -> list[Tria
     return sorted(done, key=lambda r: r.value if direction == "minimize" else -r.value)[:count]
 
 
+def trials_to_come(folder: Path) -> bool:
+    """Whether the search in ``folder`` has fewer finished trials than its budget."""
+    budget = (read_json(Path(folder) / MANIFEST) or {}).get("search", {}).get("trials", 0)
+    return sum(t.state.is_finished() for t in read_trials(folder)) < budget
+
+
 def summary_line(folder: Path) -> str:
     """``N trials: a complete, b pruned, ...; best trial k: objective v (params)``."""
     manifest = read_json(Path(folder) / MANIFEST) or {}
