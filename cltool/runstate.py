@@ -37,7 +37,9 @@ from typing import Any
 from cltool.lock import Holder, process_alive, read_holder
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
-NEW, PENDING, SUBMITTED, LOST, PRUNED = "new", "pending", "submitted", "lost", "pruned"
+NEW, PENDING, SUBMITTED, LOST = "new", "pending", "submitted", "lost"
+#: Stopped early by a search's pruner (:mod:`cltool.search_worker`): final for its search.
+PRUNED = "pruned"
 #: Every state, in the order tables list them.
 STATES = (DONE, RUNNING, PENDING, SUBMITTED, INTERRUPTED, FAILED, LOST, NEW, PRUNED)
 #: States in which a run is someone's business right now: a re-run leaves them alone.
