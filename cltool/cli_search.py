@@ -36,9 +36,11 @@ def refuse_search_flags(flags: dict[str, Any], params: list[str]) -> None:
         raise InputError(f"--{given[0]}: only a search takes it; add --search tpe|random")
     for text in params:
         if is_distribution(text):
+            key = text.partition("=")[0]
             raise InputError(
                 f"--param {text}: a range A..B is searched, which needs --search tpe|random "
-                "--trials N; a grid range is A..B:lin:N, A..B:log:N or A..B:xF"
+                f"--trials N; a grid range is A..B:lin:N, A..B:log:N or A..B:xF, e.g. "
+                f"{key}=0.1..0.5:lin:5"
             )
 
 

@@ -83,9 +83,13 @@ class SearchParam:
 
 
 def is_distribution(text: str) -> bool:
-    """Whether ``--param`` text is ``KEY=A..B`` or ``KEY=A..B:log`` (a search's range)."""
-    _, _, rest = text.partition("=")
-    return _DISTRIBUTION.match(rest.strip()) is not None
+    """Whether ``--param`` text is ``KEY=A..B`` or ``KEY=A..B:log`` with numbers A and B (a
+    search's range; ``m=a..b`` is just a bad value)."""
+    match = _DISTRIBUTION.match(text.partition("=")[2].strip())
+    try:
+        return match is not None and all(float(match[end]) is not None for end in "ab")
+    except ValueError:
+        return False
 
 
 def _parse_range(key: str, text: str, where: str) -> SearchParam:
