@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--every", type=int, default=5, help="eval.every_epochs (the monitor)")
-    parser.add_argument("--pruner", default="halving", choices=("halving", "hyperband"))
+    parser.add_argument("--pruner", default="hyperband", choices=("halving", "hyperband"))
     parser.add_argument("--jobs", type=int, default=1, help="local workers (search and grid)")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     parser.add_argument("--threads", type=int, default=1)

@@ -111,7 +111,7 @@ def sweep_command(
         str | None,
         typer.Option(
             help="Early stopping on the kNN monitor (eval.every_epochs): halving, hyperband "
-            "or none [default: halving].",
+            "or none [default: hyperband].",
             rich_help_panel=SEARCH_PANEL,
         ),
     ] = None,

@@ -322,7 +322,7 @@ def describe_sweep_keys() -> list[tuple[str, str, str]]:
         ("sweep.direction", "maximize", "cl sweep: maximize or minimize the objective"),
         (
             "sweep.pruner",
-            "halving",
+            "hyperband",
             "cl sweep: halving, hyperband or none: early stopping on the kNN monitor",
         ),
     ]

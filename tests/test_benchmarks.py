@@ -76,4 +76,4 @@ def test_search_vs_grid_prints_both_methods_with_their_compute(tmp_path) -> None
         *(a for s in tiny for a in ("--set", s)), "--out", str(tmp_path),
     )  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
-    assert len(rows) == 2 and "TPE + halving" in rows[0] and "grid" in rows[1], out
+    assert len(rows) == 2 and "TPE + hyperband" in rows[0] and "grid" in rows[1], out

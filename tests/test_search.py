@@ -289,7 +289,7 @@ def test_a_slurm_search_dry_run_shows_the_space_and_the_workers_array(tmp_path: 
     args = ["sweep", MOCO, "--search", "tpe", "--trials", 8, *SPACE, "--param", "m=0.9,0.99"]
     result = invoke(*args, "--executor", "slurm", "--workers", 3, "--dry-run", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "tpe, 8 trials, maximize knn_top1, pruner halving" in result.output
+    assert "tpe, 8 trials, maximize knn_top1, pruner hyperband" in result.output
     assert "0.001..0.1:log" in result.output and "0.9,0.99" in result.output
     assert "#SBATCH --array=0-2" in result.output and "array of 3 workers" in result.output
     assert not (tmp_path / "sweeps").exists()
