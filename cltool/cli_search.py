@@ -83,7 +83,13 @@ def run_search(
     """Validate the search, write its folder and work it here (``--jobs`` workers) or on SLURM
     (an array of ``--workers`` workers)."""
     from cltool import launch
-    from cltool.search import compile_search, monitor_note, summary_line, write_search
+    from cltool.search import (
+        compile_search,
+        monitor_note,
+        summary_line,
+        trials_to_come,
+        write_search,
+    )
 
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: needs at least 1")
@@ -113,6 +119,10 @@ def run_search(
         console.print(f"dry run: nothing started; sweep folder would be {folder}", soft_wrap=True)
         return
     write_search(search, out)
+    if not trials_to_come(folder):  # nothing to start: say so instead of starting idle workers
+        console.print(f"search {search.sweep_id}: {summary_line(folder)}", highlight=False)
+        _print_next_steps(console, folder)
+        return
     if note:
         console.print(f"note: {note}", highlight=False)
     where = f"{plural(workers or 1, 'SLURM worker')}" if options else plural(jobs, "local worker")
@@ -126,13 +136,19 @@ def run_search(
         job = launch.submit_search(folder, options, workers or 1)
         kind = "job array" if (workers or 1) > 1 else "job"
         console.print(f"submitted {kind} {job} ({plural(workers or 1, 'worker')})")
-    elif jobs > 1:
+        _print_next_steps(console, folder)
+        return
+    if jobs > 1:
         codes = launch.run_search_workers(folder, jobs, _progress(console, folder))
         if any(codes):
             raise CLToolError(f"a search worker failed: see {folder / 'logs'}")
     else:
         _work_here(console, folder)
     console.print(f"search {search.sweep_id}: {summary_line(folder)}", highlight=False)
+    _print_next_steps(console, folder)
+
+
+def _print_next_steps(console: Console, folder: Path) -> None:
     console.print(
         f"next: cl status {folder} (trials), cl report {folder} (results)",
         highlight=False,

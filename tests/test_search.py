@@ -264,6 +264,9 @@ def test_a_killed_search_rerun_finishes_the_same_study_without_repeating_trials(
         assert run_dir.summary_file.stat().st_mtime_ns == stamps[run_id]
     for number, trial in before.items():  # values kept, an interrupted trial resumed as itself
         assert after[number].params == trial.params
+    finished = invoke(*search_args(tmp_path, 3, "--pruner", "none"))  # starts nothing
+    assert finished.exit_code == 0 and "3 of 3 trials: 3 complete" in finished.output
+    assert "local worker" not in finished.output
     print(f"killed and rerun search: {time.monotonic() - started:.1f} s")
 
 
