@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,7 +23,10 @@ from cltool.signals import StopFlag
 from cltool.slurm_options import SlurmOptions
 from cltool.text import plural
 
-#: ``cl sweep`` flags that only a search takes, by the name ``compile_search`` reads.
+if TYPE_CHECKING:
+    from cltool.search import Search
+
+#: ``cl sweep`` flags that only a search takes.
 SEARCH_FLAGS = ("trials", "objective", "direction", "pruner", "workers")
 
 
@@ -44,8 +47,8 @@ def refuse_search_flags(flags: dict[str, Any], params: list[str]) -> None:
             )
 
 
-def describe_search(search: Any) -> str:
-    """``search ID: tpe, 30 trials, maximize knn_top1, pruner halving``."""
+def describe_search(search: Search) -> str:
+    """``search ID: tpe, 30 trials, maximize knn_top1, pruner hyperband``."""
     settings = search.settings
     return (
         f"search {search.sweep_id}: {settings.sampler}, {plural(settings.trials, 'trial')}, "
@@ -53,7 +56,7 @@ def describe_search(search: Any) -> str:
     )
 
 
-def space_table(search: Any) -> Table:
+def space_table(search: Search) -> Table:
     """The space of a search (``--dry-run``): each key and what it is searched over."""
     table = Table()
     table.add_column("key")
