@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cltool.cli_common import choose
 from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
     Recipe,
@@ -107,12 +108,6 @@ class Search:
         return sweep_folder(out, self.sweep_id)
 
 
-def _choose(value: Any, allowed: tuple[str, ...], flag: str) -> str:
-    if value not in allowed:
-        raise InputError(f"{flag} {value}: choose one of {', '.join(allowed)}")
-    return str(value)
-
-
 def produced_metrics(recipe: Recipe) -> set[str]:
     """The numbers a finished run of ``recipe`` writes into its summary (see ``Trainer.run``)."""
     metrics = {"knn_top1", "wall_s", "imgs_per_s"}
@@ -123,22 +118,29 @@ def produced_metrics(recipe: Recipe) -> set[str]:
     return metrics
 
 
-def settings_from(table: Mapping[str, Any], flags: Mapping[str, Any]) -> SearchSettings:
-    """Flags (None when not given) over the ``[sweep]`` table's search keys."""
+def settings_from(table: Mapping[str, Any], flags: Mapping[str, Any], where: str) -> SearchSettings:
+    """Flags (None when not given) over the ``[sweep]`` table's search keys of file ``where``;
+    an error names the flag, or the file and key, that gave the bad value."""
 
-    def pick(name: str, default: Any) -> Any:
+    def pick(name: str, default: Any) -> tuple[Any, str]:
         value = flags.get(name)
-        return table.get(name, default) if value is None else value
+        if value is not None:
+            return value, f"--{name}"
+        return table.get(name, default), f"{where}: sweep.{name} ="
 
-    sampler = _choose(pick("search", None), SAMPLERS, "--search")
-    trials = pick("trials", None)
+    def one_of(name: str, default: Any, allowed: tuple[str, ...]) -> str:
+        value, source = pick(name, default)
+        return choose(value, allowed, source)
+
+    sampler = one_of("search", None, SAMPLERS)
+    trials, source = pick("trials", None)
     if trials is None:
         raise InputError(f"--search {sampler}: give the number of trials, e.g. --trials 20")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise InputError(f"--trials {trials}: needs at least 1 trial, e.g. --trials 20")
-    direction = _choose(pick("direction", "maximize"), DIRECTIONS, "--direction")
-    pruner = _choose(pick("pruner", SearchSettings.pruner), PRUNERS, "--pruner")
-    objective = str(pick("objective", DEFAULT_OBJECTIVE))
+        raise InputError(f"{source} {trials}: needs at least 1 trial, e.g. --trials 20")
+    direction = one_of("direction", "maximize", DIRECTIONS)
+    pruner = one_of("pruner", SearchSettings.pruner, PRUNERS)
+    objective = str(pick("objective", DEFAULT_OBJECTIVE)[0])
     return SearchSettings(sampler, trials, objective, direction, pruner)
 
 
@@ -177,8 +179,10 @@ def compile_search(
     path = Path(path)
     table = read_toml(path)
     sweep_table = table.get("sweep", {})
+    if not isinstance(sweep_table, dict):
+        raise RecipeError(f"{path}: [sweep] must be a table")
     parse_sweep_table({k: v for k, v in sweep_table.items() if k != "param"}, str(path))
-    settings = settings_from(sweep_table, flags)
+    settings = settings_from(sweep_table, flags, str(path))
     flag_space = [parse_search_param(p) for p in params]
     flag_keys = {p.key for p in flag_space}
     space = [p for p in file_space(sweep_table, str(path)) if p.key not in flag_keys]

@@ -307,3 +307,17 @@ def test_a_pruned_run_is_pruned_even_while_its_worker_job_runs_on(tmp_path: Path
     submission = {"executor": "slurm", "job_id": "7_1"}
     state = run_state(run_dir, submission, {"7_1": "RUNNING"})
     assert (state.name, state.reason) == (PRUNED, run_dir.state()["reason"])
+
+
+def test_a_bad_search_key_in_the_sweep_table_names_the_file_and_key(tmp_path: Path) -> None:
+    recipe = tmp_path / "search.toml"
+    recipe.write_text(
+        MOCO.read_text() + '\n[sweep]\nsearch = "tpe"\ntrials = 0\nparam = { T = "0.1..0.3" }\n'
+    )
+    result = invoke("sweep", recipe, "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.strip()
+        == f"error: {recipe}: sweep.trials = 0: needs at least 1 trial, e.g. --trials 20"
+    )
+    assert not (tmp_path / "runs").exists()
