@@ -21,6 +21,7 @@ from cltool.text import plural
 
 if TYPE_CHECKING:
     from cltool.report import Report
+    from cltool.report.search import SearchReport
 
 
 class Format(enum.StrEnum):
@@ -116,27 +117,44 @@ def report_command(
         raise InputError("--group needs --wandb ENTITY/PROJECT")
     else:
         loaded = report.load_runs(path)
+    searched = None
+    if not wandb_path:
+        from cltool.report.search import load_search
+
+        searched = load_search(path)
     for line in loaded.skipped:
         print(line, file=sys.stderr)
     result = report.build_report(loaded, metric, group_by)
     for line in result.notes:
         print(f"note: {line}", file=sys.stderr)
     if plot or html_page:
-        _figures(result, plot, html_page)
+        _figures(result, plot, html_page, searched)
         for line in result.skipped[len(loaded.skipped) :]:  # what the curves added
             print(line, file=sys.stderr)
-    _emit(result, fmt, output, runs)
+    _emit(result, fmt, output, runs, searched)
 
 
-def _figures(result: Report, plot: Path | None, html_page: Path | None) -> None:
-    """Write the figure (``--plot``) and the page (``--html``); matplotlib loads only here."""
+def _figures(
+    result: Report, plot: Path | None, html_page: Path | None, searched: SearchReport | None
+) -> None:
+    """Write the figure (``--plot``) and the page (``--html``); matplotlib loads only here. A
+    search's figure goes next to ``--plot`` as ``<name>-search.<suffix>`` and into the page."""
     from cltool.report import figures, html
+    from cltool.report import search as search_report
 
     fig = figures.report_figure(result)
+    search_fig = search_report.search_figure(searched) if searched else None
     if plot:
-        _write(plot, figures.figure_bytes(fig, figures.plot_format(plot)))
+        fmt = figures.plot_format(plot)
+        _write(plot, figures.figure_bytes(fig, fmt))
+        if search_fig is not None:
+            search_plot = plot.with_name(f"{plot.stem}-search{plot.suffix}")
+            _write(search_plot, figures.figure_bytes(search_fig, fmt))
     if html_page:
-        page = html.to_html(result, figures.inline_svg(fig), html_page.parent)
+        extra = ""
+        if searched is not None and search_fig is not None:
+            extra = search_report.to_html(searched, figures.inline_svg(search_fig))
+        page = html.to_html(result, figures.inline_svg(fig), html_page.parent, extra)
         _write(html_page, page.encode())
 
 
@@ -150,15 +168,23 @@ def _write(path: Path, data: bytes) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _emit(result: Report, fmt: Format, output: Path | None, runs: bool) -> None:
+def _emit(
+    result: Report, fmt: Format, output: Path | None, runs: bool, searched: SearchReport | None
+) -> None:
     """Print the table in ``fmt``, or write it to ``output`` (the table format as markdown);
-    ``runs`` adds run ids to the table and markdown (CSV and JSON always have them)."""
+    ``runs`` adds run ids to the table and markdown (CSV and JSON always have them). A search
+    adds its best trials (table, markdown) or all its trials (JSON, key ``search``)."""
+    import json
+
     from cltool import report
+    from cltool.report import search as search_report
 
     if fmt is Format.table and output is None:
         from cltool.display import RunConsole
 
         RunConsole().print(report.to_rich(result, runs))
+        if searched is not None:
+            RunConsole().print(search_report.to_rich(searched))
         return
     text = {
         Format.table: lambda r: report.to_markdown(r, runs),
@@ -167,6 +193,12 @@ def _emit(result: Report, fmt: Format, output: Path | None, runs: bool) -> None:
         Format.json: report.to_json,
         Format.latex: report.to_latex,
     }[fmt](result)
+    if searched is not None and fmt in (Format.table, Format.markdown):
+        text += "\n" + search_report.to_markdown(searched)
+    elif searched is not None and fmt is Format.json:
+        text = json.dumps({**json.loads(text), "search": search_report.to_dict(searched)}, indent=2)
+    elif searched is not None:
+        print(f"note: --format {fmt.value} leaves out the search's trials", file=sys.stderr)
     if output is None:
         sys.stdout.write(text)
     else:

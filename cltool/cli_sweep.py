@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
+from rich.table import Table
 
 from cltool.cli_common import (
     EXECUTORS,
@@ -31,9 +32,13 @@ from cltool.signals import StopFlag
 from cltool.slurm_options import SlurmOptions
 from cltool.text import plural
 
+if TYPE_CHECKING:
+    from cltool.status import RunStatus
+
 console = RunConsole()
 
 FORMATS = ("table", "json")
+SEARCH_PANEL = "Search (with --search)"
 
 
 @one_line_errors()
@@ -73,6 +78,50 @@ def sweep_command(
             rich_help_panel=SLURM_PANEL,
         ),
     ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option(
+            help="Search instead of a grid: tpe or random (Optuna); each --param is then "
+            "`KEY=A..B`, `KEY=A..B:log` or choices `KEY=v1,v2`.",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            help="Trials of the search (re-run with more to extend it).",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="Summary metric the search optimises [default: knn_top1].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    direction: Annotated[
+        str | None,
+        typer.Option(
+            help="maximize or minimize the objective [default: maximize].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    pruner: Annotated[
+        str | None,
+        typer.Option(
+            help="Early stopping on the kNN monitor (eval.every_epochs): halving, hyperband "
+            "or none [default: hyperband].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="SLURM: an array of this many search workers [default: 1].",
+            rich_help_panel=SEARCH_PANEL,
+        ),
+    ] = None,
     *,
     slurm: SlurmOptions,
     dry_run: bool,
@@ -90,15 +139,46 @@ def sweep_command(
 
         cl sweep recipes/moco.toml --param lr=1e-3..1e-1:log:5 --executor slurm --partition gpu
         --gpus-per-node 1 --time 4:00:00 --array-parallelism 8
+
+        cl sweep recipes/moco.toml --search tpe --trials 30 --param lr=1e-3..1e-1:log
+        --param T=0.05..0.5 --param m=0.9,0.99,0.999 --jobs 2
     """
     from cltool import launch
-    from cltool.recipe import parse_assignment
+    from cltool.cli_search import refuse_search_flags, run_search
+    from cltool.recipe import parse_assignment, read_toml
     from cltool.status import status_table
     from cltool.sweep import compile_sweep, write_sweep
 
     choose(executor, EXECUTORS, "--executor")
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: needs at least 1")
+    flags = {
+        "search": search,
+        "trials": trials,
+        "objective": objective,
+        "direction": direction,
+        "pruner": pruner,
+    }
+    file_sweep = read_toml(recipe).get("sweep", {})
+    if search is not None or (isinstance(file_sweep, dict) and "search" in file_sweep):
+        run_search(
+            console,
+            recipe,
+            flags=flags,
+            params=param or [],
+            zips=zip_ or [],
+            seeds=seeds,
+            overrides=[parse_assignment(item) for item in set_ or []],
+            out=out,
+            executor=executor,
+            jobs=jobs,
+            workers=workers,
+            slurm=slurm,
+            array_parallelism=array_parallelism,
+            dry_run=dry_run,
+        )
+        return
+    refuse_search_flags({**flags, "workers": workers}, param or [])
     sweep = compile_sweep(
         recipe,
         params=param or [],
@@ -185,7 +265,8 @@ def status_command(
 ) -> None:
     """Show the state of every run of a sweep: state, epoch, last loss, ETA, job id.
 
-    Exit code: 0 when every run is done, 3 when any failed, 1 otherwise (queued, running, lost).
+    Exit code: 0 when every run is done (or pruned by its search, and the search has all its
+    trials), 3 when any failed, 1 otherwise (queued, running, lost, trials to come).
     Without a terminal, `--watch` waits quietly and prints the final table once.
     """
     from cltool.status import as_json, exit_code, settled, status_table, sweep_status
@@ -195,28 +276,57 @@ def status_command(
         choose(format_, FORMATS, "--format")
         manifest = load_manifest(sweep_dir)
         swept, sweep_id = manifest.get("swept_keys", []), manifest.get("sweep_id", sweep_dir.name)
-        title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"
+        searched = "search" in manifest
+
+        def table(statuses: list[RunStatus]) -> Table:
+            """The runs, and for a search its trials (state, values, objective so far)."""
+            title = f"sweep {sweep_id} ({manifest.get('definition', {}).get('source', '?')})"
+            if not searched:
+                return status_table(statuses, swept, title)
+            from cltool.search import status_columns, summary_line, trial_rows
+
+            extra = status_columns(sweep_dir, trial_rows(sweep_dir))
+            title = f"search {sweep_id}: {summary_line(sweep_dir)}"
+            return status_table(statuses, swept, title, extra=extra)
+
+        def to_come() -> bool:
+            """A search with trials still to take (between two trials, no run is active)."""
+            from cltool.search import trials_to_come
+
+            return searched and trials_to_come(sweep_dir)
+
+        def done_watching(statuses: list[RunStatus]) -> bool:
+            return settled(statuses) and not to_come()
+
         statuses = sweep_status(sweep_dir)
         if watch and format_ == "table" and console.is_terminal:
-            with Live(status_table(statuses, swept, title), console=console) as live:
-                while not settled(statuses):
+            with Live(table(statuses), console=console) as live:
+                while not done_watching(statuses):
                     time.sleep(interval)
                     statuses = sweep_status(sweep_dir)
-                    live.update(status_table(statuses, swept, title))
+                    live.update(table(statuses))
         else:
-            while watch and not settled(statuses):
+            while watch and not done_watching(statuses):
                 time.sleep(interval)
                 statuses = sweep_status(sweep_dir)
             if format_ == "json":
-                print(json.dumps(as_json(sweep_id, statuses), indent=2))
+                result = as_json(sweep_id, statuses)
+                if searched:
+                    from cltool.search import trial_rows
+
+                    result["trials"] = [asdict(row) for row in trial_rows(sweep_dir)]
+                print(json.dumps(result, indent=2))
             else:
-                console.print(status_table(statuses, swept, title))
-    code = exit_code(statuses)
+                console.print(table(statuses))
+    code = exit_code(statuses) or int(to_come())
     if code:
         raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``sweep`` and ``status`` to the ``cl`` app."""
+    from cltool.cli_search import search_worker_command
+
     app.command("sweep")(sweep_command)
     app.command("status")(status_command)
+    app.command("search-worker", hidden=True)(search_worker_command)

@@ -426,3 +426,76 @@ def submit_slurm(
         record_submissions(folder, records)
         array_ids.append(jobs[0].job_id.partition("_")[0])
     return array_ids
+
+
+# -- searches -----------------------------------------------------------------------------------
+
+#: ``cl search-worker FOLDER`` with this interpreter: one local worker of a search.
+CL_SEARCH_WORKER = (sys.executable, "-c", "from cltool.cli import app; app()", "search-worker")
+
+
+@dataclass(frozen=True)
+class SearchTask:
+    """What one SLURM array task of a search runs: a worker of the study in ``folder``.
+
+    On preemption the worker's trial stops at a step boundary with a checkpoint and the task is
+    requeued (``checkpoint`` returns the same task); the requeued start takes its trial back
+    (:mod:`cltool.search_worker`) and resumes the run.
+    """
+
+    folder: str
+
+    def __call__(self) -> dict[int, str]:
+        from cltool.run import Interrupted
+        from cltool.search_worker import work
+
+        preempt = _PreemptFlag()
+        try:
+            return work(Path(self.folder), should_stop=preempt, echo=print)
+        except Interrupted:
+            preempt.hand_over()
+            raise
+
+    def checkpoint(self) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def submit_search(folder: Path, options: SlurmOptions, workers: int) -> str:
+    """Submit ``workers`` workers of the search in ``folder`` as one job array; its job id."""
+    folder = Path(folder).resolve()
+    executor = _slurm_executor(folder / "slurm", options, f"cl-{folder.name}")
+    with _sbatch_errors(), executor.batch():
+        jobs = [executor.submit(SearchTask(str(folder))) for _ in range(workers)]
+    return jobs[0].job_id.partition("_")[0]
+
+
+def run_search_workers(folder: Path, jobs: int, tick: Callable[[], None]) -> list[int]:
+    """``jobs`` local workers of the search in ``folder`` as subprocesses (logs in the sweep
+    folder's ``logs/``); their exit codes. ``tick`` is called every second meanwhile (to show
+    progress). Ctrl-C stops each worker at its next step boundary."""
+    logs = Path(folder) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for index in range(jobs):
+        with (logs / f"worker-{index}.log").open("ab") as handle:
+            processes.append(
+                subprocess.Popen(
+                    [*CL_SEARCH_WORKER, str(folder)], stdout=handle, stderr=subprocess.STDOUT
+                )
+            )
+    try:
+        while any(process.poll() is None for process in processes):
+            tick()
+            time.sleep(1.0)
+        tick()
+        return [process.returncode for process in processes]
+    except KeyboardInterrupt:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait()
+        raise CLToolError(
+            "search interrupted: rerun the same command to resume", exit_code=130
+        ) from None

@@ -339,6 +339,11 @@ def expects_number(dotted: str) -> bool:
     return _field_type(dotted) in (int, float)
 
 
+def expects_integer(dotted: str) -> bool:
+    """Whether a key takes whole numbers (a search's range over it is then an integer range)."""
+    return _field_type(dotted) is int
+
+
 def canonical_key(key: str, source: str) -> str:
     """Resolve a short name or dotted key, or fail with the closest valid key."""
     key = SHORT_NAMES.get(key, key)

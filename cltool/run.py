@@ -26,6 +26,7 @@ from cltool.display import Display, RunConsole
 from cltool.errors import CLToolError
 from cltool.lock import LockLost, RunHeld, RunLock
 from cltool.recipe import Recipe, to_toml
+from cltool.runstate import PRUNED
 from cltool.signals import StopFlag
 from cltool.track import (
     DONE,
@@ -128,8 +129,12 @@ def run_recipe(
     swept: dict[str, Any] | None = None,
     console: Console | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    prune: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> RunOutcome:
     """Train ``recipe`` into ``out/<name>/<run id>/``, resuming or skipping as the folder says.
+
+    ``prune`` (a search's trial) sees every epoch record; a reason it returns stops the run at
+    that epoch's end, checkpoint kept, in state ``pruned`` with that reason.
 
     Raises :class:`CLToolError` for problems a user can fix (nothing is written when they show
     before training starts), :class:`~cltool.lock.RunHeld` when another live process trains the
@@ -158,7 +163,7 @@ def run_recipe(
         if lock is None:
             return _run_other_rank(recipe, run_dir, display, should_stop)
         return _train_main(
-            recipe, run_dir, display, lock, created, force, sweep_id, swept, should_stop
+            recipe, run_dir, display, lock, created, force, sweep_id, swept, should_stop, prune
         )
     finally:
         if lock is not None:
@@ -206,13 +211,16 @@ def _train_main(
     sweep_id: str | None,
     swept: dict[str, Any] | None,
     should_stop: Callable[[], bool],
+    prune: Callable[[dict[str, Any]], str | None] | None,
 ) -> RunOutcome:
     """Rank 0's part of a run, holding its lock: build, train, write the folder."""
     from cltool.train import StopRequested, Trainer
 
+    pruned: list[str] = []  # the pruner's reason, once it has spoken
+
     def stop_requested() -> bool:
         lock.ensure_held()  # a run taken over from this process is not written to again
-        return should_stop()
+        return bool(pruned) or should_stop()
 
     try:
         trainer = Trainer(recipe, run_dir, display, log=lambda r: None, should_stop=stop_requested)
@@ -240,6 +248,9 @@ def _train_main(
         def log(record: dict[str, Any]) -> None:
             for sink in sinks:
                 sink.log(record)
+            if prune is not None and record["kind"] == "epoch" and not pruned:
+                reason = prune(record)
+                pruned.extend([reason] if reason else [])
             if record["kind"] != "eval":
                 run_dir.write_state(
                     RUNNING,
@@ -272,6 +283,11 @@ def _train_main(
         run_dir.write_state(DONE, epoch=recipe.train.epochs, global_step=metrics["global_step"])
         return RunOutcome(run_dir, summary, DONE)
     except (StopRequested, KeyboardInterrupt) as err:
+        if pruned and isinstance(err, StopRequested):
+            status = PRUNED
+            run_dir.write_state(PRUNED, reason=pruned[0])
+            display.message(f"pruned: {pruned[0]}")
+            return RunOutcome(run_dir, None, PRUNED)
         status = INTERRUPTED
         signum = getattr(should_stop, "signum", None) or signal.SIGINT
         name = signal.Signals(signum).name

@@ -11,6 +11,10 @@ none of them reads ``state.json`` on its own. The states:
 - ``submitted``: submitted, no holder yet, and no scheduler here to ask
 - ``interrupted``: stopped on request (Ctrl-C, SIGTERM, SIGHUP, preemption) with a checkpoint
 - ``failed``: ended by an error; the reason is its one line
+- ``pruned``: stopped early by a search's pruner (:mod:`cltool.search`), checkpoint kept; the
+  reason names the epoch and the last value of the objective. Final for the search: the
+  scheduler's queue is not asked (its worker goes on to other trials), but a plain ``cl run``
+  or grid sweep of the same recipe resumes it to the end
 - ``lost``: "running" in the folder but nobody holds it: its process died (``kill -9``, a lost
   node, a job that left the queue)
 - ``new``: never started
@@ -34,8 +38,10 @@ from cltool.lock import Holder, process_alive, read_holder
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
 NEW, PENDING, SUBMITTED, LOST = "new", "pending", "submitted", "lost"
+#: Stopped early by a search's pruner (:mod:`cltool.search_worker`): final for its search.
+PRUNED = "pruned"
 #: Every state, in the order tables list them.
-STATES = (DONE, RUNNING, PENDING, SUBMITTED, INTERRUPTED, FAILED, LOST, NEW)
+STATES = (DONE, RUNNING, PENDING, SUBMITTED, INTERRUPTED, FAILED, LOST, NEW, PRUNED)
 #: States in which a run is someone's business right now: a re-run leaves them alone.
 ACTIVE = frozenset({PENDING, SUBMITTED, RUNNING})
 #: squeue states of a job that has not started (again) yet.
@@ -92,6 +98,8 @@ def run_state(
         gone = f"its SLURM job {job} left the queue"
     if holder is not None and gone is None:
         return RunState(RUNNING, holder.describe(now), holder)
+    if status == PRUNED:
+        return RunState(PRUNED, state.get("reason"))
     if job is not None and queue is not None and job in queue:
         if queue[job] in QUEUED:
             return RunState(PENDING, f"SLURM job {job} {queue[job].lower()}")

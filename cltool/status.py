@@ -18,11 +18,18 @@ from typing import Any
 from rich.table import Table
 
 from cltool.recipe import short_key
-from cltool.runstate import ACTIVE, LOST, PENDING, on_slurm, run_state, scheduler_states
+from cltool.runstate import ACTIVE, LOST, PENDING, PRUNED, on_slurm, run_state, scheduler_states
 from cltool.sweep import load_manifest, sweep_out
 from cltool.track import DONE, FAILED, RUNNING, RunDir
 
-STATE_STYLE = {DONE: "green", FAILED: "red", LOST: "red", RUNNING: "cyan", PENDING: "yellow"}
+STATE_STYLE = {
+    DONE: "green",
+    FAILED: "red",
+    LOST: "red",
+    RUNNING: "cyan",
+    PENDING: "yellow",
+    PRUNED: "magenta",
+}
 
 
 @dataclass(frozen=True)
@@ -102,11 +109,12 @@ def sweep_status(folder: Path) -> list[RunStatus]:
 
 
 def exit_code(statuses: list[RunStatus]) -> int:
-    """0 when every run is done, 3 when any failed, 1 otherwise (still running, lost, new)."""
+    """0 when every run is done (or pruned by its search), 3 when any failed, 1 otherwise
+    (still running, lost, new)."""
     states = {s.state for s in statuses}
     if FAILED in states:
         return 3
-    return 0 if states <= {DONE} else 1
+    return 0 if states <= {DONE, PRUNED} else 1
 
 
 def settled(statuses: list[RunStatus]) -> bool:
@@ -131,12 +139,18 @@ def status_table(
     swept_keys: list[str],
     title: str = "",
     plan: Mapping[str, str] | None = None,
+    extra: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Table:
-    """The runs as a table; ``plan`` adds what a sweep would do with each run (dry runs)."""
+    """The runs as a table; ``plan`` adds what a sweep would do with each run (dry runs),
+    ``extra`` more columns after the swept values (column -> run id -> text: a search's trials
+    and objective)."""
+    extra = extra or {}
     table = Table(title=title or None, title_justify="left")
     table.add_column("run", no_wrap=True)
     for key in swept_keys:
         table.add_column(short_key(key), justify="right")
+    for name in extra:
+        table.add_column(name, justify="right")
     table.add_column("state", no_wrap=True)
     if plan is not None:
         table.add_column("plan", no_wrap=True)
@@ -151,7 +165,12 @@ def status_table(
         state = f"[{style}]{s.state}[/]" if style else s.state
         epoch = f"{s.epochs_done}/{s.epochs}" if s.epochs_done is not None else ""
         loss = f"{s.loss:.4f}" if s.loss is not None else ""
-        cells = [s.run_id, *(format_value(s.params.get(k)) for k in swept_keys), state]
+        cells = [
+            s.run_id,
+            *(format_value(s.params.get(k)) for k in swept_keys),
+            *(column.get(s.run_id, "") for column in extra.values()),
+            state,
+        ]
         if plan is not None:
             cells += [plan.get(s.run_id, ""), epoch]
         else:

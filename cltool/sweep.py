@@ -65,6 +65,9 @@ SWEEPS = "sweeps"
 MANIFEST = "manifest.json"
 RECIPES = "recipes"
 SEED_KEY = "train.seed"
+#: The ``[sweep]`` keys of a search (read by :mod:`cltool.search`, which the same table's
+#: ``param`` then feeds with distributions).
+SEARCH_KEYS = ("search", "trials", "objective", "direction", "pruner")
 #: More runs than this is almost certainly a typo in a range (``x1.0001``), not a plan.
 MAX_RUNS = 10_000
 
@@ -246,9 +249,12 @@ def parse_sweep_table(table: Any, where: str) -> tuple[list[Dimension], int | No
     """The dimensions and seed count of a recipe file's ``[sweep]`` table."""
     if not isinstance(table, dict):
         raise RecipeError(f"{where}: [sweep] must be a table")
-    unknown = sorted(set(table) - {"param", "zip", "seeds"})
+    unknown = sorted(set(table) - {"param", "zip", "seeds", *SEARCH_KEYS})
     if unknown:
-        raise RecipeError(f"{where}: unknown [sweep] key '{unknown[0]}': use param, zip or seeds")
+        raise RecipeError(
+            f"{where}: unknown [sweep] key '{unknown[0]}': use param, zip, seeds or "
+            + ", ".join(SEARCH_KEYS)
+        )
     dims = []
     params = table.get("param", {})
     if not isinstance(params, dict):
@@ -300,6 +306,24 @@ def describe_sweep_keys() -> list[tuple[str, str, str]]:
             "sweep.seeds",
             "-",
             "cl sweep: N runs per point, train.seed + 0..N-1 (--seeds replaces it)",
+        ),
+        (
+            "sweep.search",
+            "-",
+            "cl sweep: tpe or random: search instead of a grid; sweep.param values are then "
+            "ranges 'A..B', 'A..B:log' or lists of choices (--search replaces it)",
+        ),
+        ("sweep.trials", "-", "cl sweep: trials of a search (--trials replaces it)"),
+        (
+            "sweep.objective",
+            "knn_top1",
+            "cl sweep: summary metric a search optimises (--objective replaces it)",
+        ),
+        ("sweep.direction", "maximize", "cl sweep: maximize or minimize the objective"),
+        (
+            "sweep.pruner",
+            "hyperband",
+            "cl sweep: halving, hyperband or none: early stopping on the kNN monitor",
         ),
     ]
 

@@ -471,3 +471,7 @@ class Trainer:
         state.epoch, state.step_in_epoch = epoch + 1, 0
         self.epoch_loss.zero_()
         self.checkpoint()
+        # A stop asked during the epoch's end (a pruner judging its kNN) stops here, not a step
+        # into the next epoch; after the last one the run finishes.
+        if epoch + 1 < recipe.train.epochs and dist.any_rank(self.should_stop()):
+            raise StopRequested

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from cltool.errors import CLToolError, InputError
 from cltool.recipe import SHORT_NAMES, Recipe
+from cltool.runstate import PRUNED
 from cltool.track import DONE, INTERRUPTED, RunDir
 
 #: Longest wait for an online start before falling back to offline.
@@ -155,7 +156,7 @@ class WandbSink:
                 self.run.summary.update(summary)
             if status == INTERRUPTED:
                 self.run.mark_preempting()
-            self.run.finish(exit_code=0 if status == DONE else 1)
+            self.run.finish(exit_code=0 if status in (DONE, PRUNED) else 1)
         except Exception as err:  # W&B must never stop training
             self._failed("finishing the run", err)
         import wandb

@@ -66,3 +66,14 @@ def test_scale_bench_shows_no_queue_copies() -> None:
     assert "per_unit_vs_largest" in out
     copies = out.split("### no copies")[1]
     assert "| True |" not in copies, copies
+
+
+def test_search_vs_grid_prints_both_methods_with_their_compute(tmp_path) -> None:
+    tiny = ["train.epochs=2", "data.num_train=128", "data.num_test=128", "model.width=8",
+            "train.batch_size=64", "eval.baselines=false"]  # fmt: skip
+    out = run_script(
+        "search_vs_grid.py", "--trials", "2", "--reps", "1", "--every", "1",
+        *(a for s in tiny for a in ("--set", s)), "--out", str(tmp_path),
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
+    assert len(rows) == 2 and "TPE + hyperband" in rows[0] and "grid" in rows[1], out

@@ -251,3 +251,81 @@ def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> N
         subprocess.run(["scancel", job_id], timeout=20, check=False)
     summary = run_dir.summary()
     assert summary["world_size"] == 2 and summary["epochs_done"] == 1
+
+
+def test_a_two_worker_array_completes_a_small_study(tmp_path: Path) -> None:
+    """``cl sweep --search --executor slurm --workers 2``: one array of two workers shares the
+    study in the sweep folder, each asking for the next trial until all are finished."""
+    from cltool.search import read_trials
+
+    started = time.monotonic()
+    short = [*(s for s in TINY if not s.startswith(("train.epochs", "eval.every"))),
+             "train.epochs=2", "eval.every_epochs=1", "data.num_train=128"]  # fmt: skip
+    result = invoke(
+        "sweep", MOCO, "--search", "random", "--trials", 4, "--param", "lr=1e-3..1e-1:log",
+        "--param", "T=0.05..0.5", *sets(short), *SLURM, "--workers", 2, "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    array = result.output.split("submitted job array ")[1].split()[0]
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    try:
+        finished = lambda: sum(t.state.is_finished() for t in read_trials(folder)) == 4  # noqa: E731
+        wait_for(finished, 300, "the two workers to finish 4 trials")
+    finally:
+        subprocess.run(["scancel", array], timeout=20, check=False)
+    trials = read_trials(folder)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    workers = {t.user_attrs["claim"]["worker"] for t in trials}
+    assert workers <= {f"slurm-{array}_0", f"slurm-{array}_1"}, workers
+    for entry in load_manifest(folder)["runs"]:
+        assert RunDir(tmp_path / entry["run_dir"]).state()["status"] in ("done", "pruned")
+    status = invoke("status", folder)
+    assert status.exit_code == 0, status.output
+    print(f"2-worker search array: {time.monotonic() - started:.1f} s ({len(workers)} workers)")
+
+
+#: A trial long enough (16 steps, a checkpoint every 4) to be preempted mid-run.
+SEARCH_PREEMPTIBLE = [
+    *TINY,
+    "train.epochs=2",
+    "data.num_train=512",
+    "train.checkpoint_every_steps=4",
+]
+
+
+def test_a_preempted_search_worker_is_requeued_and_resumes_its_trial(tmp_path: Path) -> None:
+    """USR2 (SLURM's warning before preemption) to a search worker: its trial's run stops at a
+    step with a checkpoint, the task is requeued, and the requeued worker takes the same trial
+    back and resumes the run from the checkpoint: one trial, one run, trained once."""
+    from cltool.search import read_trials
+
+    started = time.monotonic()
+    result = invoke(
+        "sweep", MOCO, "--search", "random", "--trials", 1, "--param", "T=0.05..0.5",
+        "--pruner", "none", *sets(SEARCH_PREEMPTIBLE), *SLURM, "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    array = result.output.split("submitted job ")[1].split()[0]
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    try:
+        wait_for(lambda: load_manifest(folder)["runs"], 120, "the worker to take a trial")
+        run_dir = RunDir(tmp_path / load_manifest(folder)["runs"][0]["run_dir"])
+
+        def mid_run() -> bool:
+            state = run_dir.state() or {}
+            return state.get("status") == "running" and state.get("global_step", 0) >= 6
+
+        wait_for(mid_run, 120, "the trial's run to pass step 6")
+        preempted_at = run_dir.state()["global_step"]
+        subprocess.run(["scancel", "--signal=USR2", array], check=True, timeout=20)
+        finished = lambda: all(t.state.is_finished() for t in read_trials(folder))  # noqa: E731
+        wait_for(finished, 240, "the requeued worker to finish the trial")
+    finally:
+        subprocess.run(["scancel", array], timeout=20, check=False)
+    (trial,) = read_trials(folder)
+    summary = run_dir.summary()
+    assert trial.state.name == "COMPLETE" and trial.value == summary["knn_top1"]
+    assert preempted_at <= summary["resumed_from_step"] < summary["global_step"]
+    assert len(load_manifest(folder)["runs"]) == 1
+    print(f"preempted search worker: {time.monotonic() - started:.1f} s")

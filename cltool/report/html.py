@@ -32,10 +32,12 @@ STYLE = (
 RUN_FILES = ("config.toml", "train.log", "summary.json")
 
 
-def to_html(report: Report, svg: str | None = None, base: Path | None = None) -> str:
-    """The page: the table, the figure (``svg``, from :func:`~cltool.report.figures.inline_svg`)
-    and every run with its state, reason, config and links relative to ``base`` (the folder
-    the page is written to)."""
+def to_html(
+    report: Report, svg: str | None = None, base: Path | None = None, extra: str = ""
+) -> str:
+    """The page: the table, the figure (``svg``, from :func:`~cltool.report.figures.inline_svg`),
+    ``extra`` sections (a search's trials) and every run with its state, reason, config and
+    links relative to ``base`` (the folder the page is written to)."""
     esc = html.escape
     header, rows = table_rows(report)
     head = "".join(f"<th>{esc(name)}</th>" for name in header)
@@ -54,6 +56,7 @@ def to_html(report: Report, svg: str | None = None, base: Path | None = None) ->
         f"<div class=scroll><table><tr>{head}</tr>{body}</table></div><p>{esc(LEGEND)}</p>",
         f"<ul>{notes}</ul>" if notes else "",
         f"<h2>Figures</h2>{svg}" if svg else "",
+        extra,
         "<h2>Runs</h2>",
     ]
     for group in report.groups:
