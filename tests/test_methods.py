@@ -24,6 +24,7 @@ NAMES = [
     "instdisc",
     "mochi",
     "xbm",
+    "circle",
     "spcl",
     "moco_v1",
 ]
