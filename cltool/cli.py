@@ -180,6 +180,10 @@ def run(
             soft_wrap=True,
         )
         return
+    if loaded.stages.run:  # refused now, not after pretraining
+        from cltool.cli_eval import check_stage_inputs
+
+        check_stage_inputs(loaded, list(loaded.stages.run), str(recipe))
     if run_dir.is_done() and not force:  # answered at once: nothing heavy is imported
         if wandb:
             from cltool.cli_common import error_console
@@ -192,6 +196,13 @@ def run(
     if not quiet and summary is not None:
         console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", summary))
         console.print(f"run folder: {run_dir.path}", highlight=False)
+    if loaded.stages.run and summary is not None:
+        from cltool.cli_eval import train_stages
+        from cltool.signals import StopFlag
+
+        stop = StopFlag(stop_announcer(console)).install()
+        stages = list(loaded.stages.run)
+        train_stages(loaded, run_dir, stages, force=force, quiet=quiet, should_stop=stop)
 
 
 def train_here(
@@ -326,9 +337,11 @@ def keys() -> None:
 def _register_subcommands() -> None:
     """Commands that live in their own modules, added after ``run`` so that ``cl --help`` lists
     the main command first."""
+    from cltool.cli_eval import register as register_eval
     from cltool.cli_report import register as register_report
     from cltool.cli_sweep import register as register_sweep
 
+    register_eval(app)
     register_sweep(app)
     register_report(app)
 

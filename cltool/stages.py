@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cltool.errors import InputError
-from cltool.recipe import Recipe
+from cltool.recipe import STAGE_KINDS, Recipe
 from cltool.track import RunDir, read_json
 
 STAGES = "stages"
@@ -142,10 +142,9 @@ def _finetune_settings(recipe: Recipe) -> dict[str, Any]:
     settings = dataclasses.asdict(recipe.finetune)
     settings["start_layer"] = start_layer(recipe)
     settings["subset_seed"] = recipe.stages.subset_seed
-    if recipe.finetune.start_layer != -1:
-        settings["variant"] = ["backbone" if settings["start_layer"] == 0 else "head1"]
-        if settings["start_layer"] > 1:
-            settings["variant"] = [f"head{settings['start_layer']}"]
+    layer = settings["start_layer"]
+    if layer != recipe.model.eval_head_layers:  # an ablation: its own report column
+        settings["variant"] = ["backbone" if layer == 0 else f"head{layer}"]
     return settings
 
 
@@ -200,3 +199,19 @@ def stage_dirs(run_dir: RunDir) -> list[StageDir]:
     found = [StageDir(p) for p in folder.iterdir() if (p / STAGE_FILE).is_file()]
     found = [d for d in found if d.spec() is not None]
     return sorted(found, key=lambda d: d.config.stat().st_mtime)
+
+
+def stage_metrics(run_dir: RunDir) -> dict[str, float]:
+    """The top-1 of each finished stage of a run under its report column
+    (``finetune_1pct_top1``, ...), the latest stage where two share a column."""
+    metrics: dict[str, float] = {}
+    for folder in stage_dirs(run_dir):
+        summary = folder.summary()
+        if folder.is_done() and summary and isinstance(summary.get("top1"), int | float):
+            metrics[str(summary.get("column"))] = summary["top1"]
+    return metrics
+
+
+def is_stage_metric(name: str) -> bool:
+    """Whether a summary key is a stage's report column."""
+    return name.endswith("_top1") and name.partition("_")[0] in STAGE_KINDS

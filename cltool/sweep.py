@@ -59,6 +59,7 @@ from cltool.recipe import (
     short_key,
     to_toml,
 )
+from cltool.stages import STAGES, plan_stages
 from cltool.track import RunDir, atomic_write_json, atomic_write_text, read_json
 
 SWEEPS = "sweeps"
@@ -394,16 +395,34 @@ def compile_sweep(
 def run_entries(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """The manifest's per-run records, keeping the submissions an earlier launch recorded."""
     previous = read_json(sweep.folder(out) / MANIFEST) or {}
-    submissions = {r["run_id"]: r.get("submissions", []) for r in previous.get("runs", [])}
-    return [
-        {
+    runs = {r["run_id"]: r for r in previous.get("runs", [])}
+    entries = []
+    for run in sweep.runs:
+        before = runs.get(run.run_id, {})
+        entry = {
             "run_id": run.run_id,
             "run_dir": f"{run.recipe.name}/{run.run_id}",
             "recipe": f"{RECIPES}/{run.run_id}.toml",
             "params": run.params,
-            "submissions": submissions.get(run.run_id, []),
+            "submissions": before.get("submissions", []),
         }
-        for run in sweep.runs
+        if run.recipe.stages.run:
+            entry["stages"] = stage_entries(run)
+            entry["stage_submissions"] = before.get("stage_submissions", [])
+        entries.append(entry)
+    return entries
+
+
+def stage_entries(run: PlannedRun) -> list[dict[str, Any]]:
+    """A run's stages as the manifest lists them: what status and report need to find them."""
+    return [
+        {
+            "stage_id": stage.stage_id,
+            "label": stage.label,
+            "parent": stage.parent_id,
+            "run_dir": f"{run.recipe.name}/{run.run_id}/{STAGES}/{stage.stage_id}",
+        }
+        for stage in plan_stages(run.recipe)
     ]
 
 
@@ -435,13 +454,17 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def record_submissions(folder: Path, submissions: dict[str, dict[str, Any]]) -> None:
-    """Append one submission record per run id (attempt numbers count up per run)."""
+def record_submissions(
+    folder: Path, submissions: dict[str, dict[str, Any]], field: str = "submissions"
+) -> None:
+    """Append one submission record per run id (attempt numbers count up per run);
+    ``field="stage_submissions"`` records the job of a run's stages."""
     manifest = load_manifest(folder)
     for entry in manifest["runs"]:
         record = submissions.get(entry["run_id"])
         if record is not None:
-            entry["submissions"].append({**record, "attempt": len(entry["submissions"]) + 1})
+            entry.setdefault(field, [])
+            entry[field].append({**record, "attempt": len(entry[field]) + 1})
     atomic_write_json(Path(folder) / MANIFEST, manifest)
 
 
