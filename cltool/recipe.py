@@ -272,7 +272,11 @@ class StageOptimConfig:
     lr: float = knob(0.05, POSITIVE, "learning rate, cosine-decayed to 0")
     momentum: float = knob(0.9, MOMENTUM, "SGD momentum")
     weight_decay: float = knob(5e-4, AT_LEAST_0)
-    seed: int = knob(0, doc="seed of the classifier's initialisation, data order, augmentation")
+    seed: int = knob(
+        0,
+        doc="added to the run's train.seed: the seed of the stage's initialisation, data order "
+        "and augmentation (a sweep's seeds give its stages distinct seeds too)",
+    )
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ class FinetuneConfig(StageOptimConfig):
 
 @dataclass(frozen=True)
 class DistillConfig(StageOptimConfig):
-    epochs: int = knob(10, AT_LEAST_1, "passes over all training images (labels unused)")
+    epochs: int = knob(10, AT_LEAST_1, "passes over all training images")
     batch_size: int = knob(256, Bound(2), "images per step")
     lr: float = knob(0.1, POSITIVE, "learning rate, cosine-decayed to 0")
     fraction: float = knob(

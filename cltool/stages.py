@@ -140,6 +140,7 @@ def check_start_layer(recipe: Recipe, source: str) -> None:
 
 def _finetune_settings(recipe: Recipe) -> dict[str, Any]:
     settings = dataclasses.asdict(recipe.finetune)
+    settings["seed"] += recipe.train.seed
     settings["start_layer"] = start_layer(recipe)
     settings["subset_seed"] = recipe.stages.subset_seed
     layer = settings["start_layer"]
@@ -150,6 +151,7 @@ def _finetune_settings(recipe: Recipe) -> dict[str, Any]:
 
 def _distill_settings(recipe: Recipe) -> dict[str, Any]:
     settings = dataclasses.asdict(recipe.distill)
+    settings["seed"] += recipe.train.seed
     teacher = recipe.model
     if settings["backbone"] == "same":
         settings["backbone"] = teacher.backbone
