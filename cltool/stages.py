@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,13 @@ def stage_metrics(run_dir: RunDir) -> dict[str, float]:
     return metrics
 
 
+#: A stage's report column: a labelled kind names its fraction (so a run's own ``linear_top1``
+#: is not one), ``distill`` its variant only.
+_COLUMN = re.compile(
+    rf"^(({'|'.join(k for k in STAGE_KINDS if k != 'distill')})_[0-9.]+pct|distill)(_\w+)?_top1$"
+)
+
+
 def is_stage_metric(name: str) -> bool:
     """Whether a summary key is a stage's report column."""
-    return name.endswith("_top1") and name.partition("_")[0] in STAGE_KINDS
+    return _COLUMN.match(name) is not None
