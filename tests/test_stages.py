@@ -283,3 +283,21 @@ def test_a_sweep_chains_stages_and_a_failed_run_blocks_them(tmp_path: Path) -> N
     assert shown.returncode == 3 and f"blocked by {runs['cuda:63'].run_id}" in shown.stdout
     manifest = json.loads((folder / "manifest.json").read_text())
     assert [len(e["stages"]) for e in manifest["runs"]] == [2, 2]
+
+
+def test_a_stage_waiting_on_a_failed_runs_job_is_blocked_and_says_scancel(tmp_path: Path) -> None:
+    from cltool.runstate import BLOCKED, PENDING, RunState, stage_state
+
+    stage_dir = RunDir(tmp_path / "stage")
+    job = {"executor": "slurm", "job_id": "12"}
+    waiting = stage_state(stage_dir, "abc", RunState("running"), job, {"12": "PENDING"})
+    assert waiting.name == PENDING  # its run still trains: it waits, as it should
+    blocked = stage_state(stage_dir, "abc", RunState("failed", "boom"), job, {"12": "PENDING"})
+    assert blocked.name == BLOCKED
+    assert blocked.reason == (
+        "blocked by abc (failed); its SLURM job 12 waits on a dependency never met: scancel 12"
+    )
+    stage_dir.path.mkdir()
+    stage_dir.write_state("done")
+    (stage_dir.summary_file).write_text("{}")
+    assert stage_state(stage_dir, "abc", RunState("failed")).name == "done"
