@@ -49,6 +49,7 @@ from typing import Any
 
 from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
+    STAGE_TABLES,
     Recipe,
     canonical_key,
     expects_number,
@@ -321,6 +322,18 @@ def merge_dimensions(file_dims: list[Dimension], flag_dims: list[Dimension]) -> 
     return dims
 
 
+def _refuse_swept_stage_keys(dims: list[Dimension]) -> None:
+    """Stage keys are left out of a run's id, so values of one would collapse into one run:
+    refused, with the command that does sweep a stage setting."""
+    for dim in dims:
+        for key in dim.keys:
+            if key.partition(".")[0] in STAGE_TABLES:
+                raise RecipeError(
+                    f"{dim.source}: {key} is a stage key, not part of a run: a sweep varies "
+                    f"runs; try each value on the finished runs with cl eval RUN --set {key}=..."
+                )
+
+
 def compile_sweep(
     path: Path,
     *,
@@ -338,6 +351,7 @@ def compile_sweep(
     file_dims, file_seeds = parse_sweep_table(table.get("sweep", {}), str(path))
     flag_dims = [parse_param(p) for p in params] + [parse_zip(z) for z in zips]
     dims = merge_dimensions(file_dims, flag_dims)
+    _refuse_swept_stage_keys(dims)
     base = resolve(table, list(overrides), source=str(path), default_name=path.stem)
     if seeds is None and not any(SEED_KEY in d.keys for d in flag_dims):
         seeds = file_seeds

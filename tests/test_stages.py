@@ -301,3 +301,10 @@ def test_a_stage_waiting_on_a_failed_runs_job_is_blocked_and_says_scancel(tmp_pa
     stage_dir.write_state("done")
     (stage_dir.summary_file).write_text("{}")
     assert stage_state(stage_dir, "abc", RunState("failed")).name == "done"
+
+
+def test_a_sweep_over_a_stage_key_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = invoke("sweep", SIMCLR_V2, "--param", "finetune.lr=0.01,0.1", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "finetune.lr is a stage key" in result.output and "cl eval RUN" in result.output
+    assert not any(tmp_path.iterdir())
