@@ -168,6 +168,10 @@ def run(
         overrides.append(f"wandb.enabled={'true' if wandb else 'false'}")
     loaded = load_recipe(recipe, overrides)
     run_dir = RunDir.for_run(out, loaded.name, loaded.fingerprint)
+    if loaded.stages.run:  # refused now, not after pretraining
+        from cltool.cli_eval import check_stage_inputs
+
+        check_stage_inputs(loaded, list(loaded.stages.run), str(recipe))
     if choose(executor, EXECUTORS, "--executor") == "slurm":
         table = SlurmOptions.from_table(read_toml(recipe).get("slurm", {}), str(recipe))
         options = table.overridden_by(replace(slurm, nodes=nodes))
@@ -180,10 +184,6 @@ def run(
             soft_wrap=True,
         )
         return
-    if loaded.stages.run:  # refused now, not after pretraining
-        from cltool.cli_eval import check_stage_inputs
-
-        check_stage_inputs(loaded, list(loaded.stages.run), str(recipe))
     if run_dir.is_done() and not force:  # answered at once: nothing heavy is imported
         if wandb:
             from cltool.cli_common import error_console
@@ -282,6 +282,12 @@ def submit_to_slurm(
         highlight=False,
         soft_wrap=True,
     )
+    if recipe.stages.run:
+        stages_job = launch.submit_run_stages(recipe, out, options, job_id)
+        console.print(
+            f"submitted job {stages_job}: its stages, once job {job_id} succeeded",
+            highlight=False,
+        )
 
 
 def run_local_ranks(

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -512,16 +512,33 @@ def submit_stages(
     records = {}
     for run in staged:
         parent = parent_jobs[run.run_id]
-        executor.update_parameters(dependency=f"afterok:{parent}")
-        task = StagesTask(str(folder / RECIPES / f"{run.run_id}.toml"), str(out), sweep.sweep_id)
-        with _sbatch_errors():
-            job = executor.submit(task)
+        recipe_file = folder / RECIPES / f"{run.run_id}.toml"
+        job_id = _submit_after(
+            executor, StagesTask(str(recipe_file), str(out), sweep.sweep_id), parent
+        )
         records[run.run_id] = {
             "executor": "slurm",
-            "job_id": job.job_id,
-            "array_job_id": job.job_id,
+            "job_id": job_id,
+            "array_job_id": job_id,
             "array_index": None,
             "depends_on": parent,
             "submitted_at": time.time(),
         }
     record_submissions(folder, records, field="stage_submissions")
+
+
+def _submit_after(executor: Any, task: StagesTask, parent_job: str) -> str:
+    """Submit ``task`` to start once ``parent_job`` succeeded; returns its job id."""
+    executor.update_parameters(dependency=f"afterok:{parent_job}")
+    with _sbatch_errors():
+        return executor.submit(task).job_id
+
+
+def submit_run_stages(recipe: Recipe, out: Path, options: SlurmOptions, parent_job: str) -> str:
+    """``cl run --executor slurm`` of a recipe with stages: one job for them, held until the
+    run's job succeeded; returns its job id."""
+    out = Path(out).resolve()
+    run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+    single = replace(options, nodes=1, ntasks_per_node=None)  # stages train on one process
+    executor = _slurm_executor(run_dir.path / "slurm", single, f"cl-{recipe.fingerprint}-stages")
+    return _submit_after(executor, StagesTask(str(run_dir.config), str(out), None), parent_job)

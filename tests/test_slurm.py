@@ -281,3 +281,27 @@ def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> N
         subprocess.run(["scancel", job_id], timeout=20, check=False)
     summary = run_dir.summary()
     assert summary["world_size"] == 2 and summary["epochs_done"] == 1
+
+
+def test_cl_run_on_slurm_submits_its_stages_after_its_job(tmp_path: Path) -> None:
+    """``cl run --executor slurm`` of a recipe with stages: the run's job, then a stages job
+    held by ``afterok`` on it; both end done."""
+    from cltool.cli import app
+    from cltool.stages import stage_dirs
+
+    stages = ['stages.run=["finetune"]', "stages.fractions=[0.1]", "finetune.epochs=2"]
+    args = ["run", MOCO, *SLURM, "--out", tmp_path, *sets([*TINY, *stages])]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split("submitted job ")[1].split(":")[0]
+    stages_job = result.output.split("submitted job ")[2].split(":")[0]
+    assert f"once job {job_id} succeeded" in result.output
+    run_dir = RunDir.for_run(tmp_path, "moco", load_recipe(MOCO, [*TINY, *stages]).fingerprint)
+    script = run_dir.path / "slurm" / f"{stages_job}_submission.sh"
+    assert f"#SBATCH --dependency=afterok:{job_id}" in script.read_text()
+    try:
+        wait_for(lambda: any(d.is_done() for d in stage_dirs(run_dir)), 240, "the stage")
+    finally:
+        subprocess.run(["scancel", job_id, stages_job], timeout=20, check=False)
+    (stage,) = stage_dirs(run_dir)
+    assert stage.state()["started_at"] >= run_dir.state()["updated_at"]
