@@ -3,8 +3,9 @@
 A subset is a pure function of the training labels, the fraction and a seed of its own
 (``stages.subset_seed``), never of the method, the run or its training seed: every method and
 every run of a sweep fine-tunes on the same images, so their numbers compare. It is
-class-balanced (stratified): each class keeps ``floor(fraction * its size)`` images, so a
-class is never left out by chance, and a fraction that would leave one out is refused in one
+class-balanced (stratified): each class keeps ``fraction * its size`` images, rounded to the
+nearest whole image, so a class is never left out by chance and the subset is the fraction
+asked for, to a rounding per class; a fraction that would leave a class out is refused in one
 line. Within a class the images come in one seeded order, so the subset of a smaller fraction
 is inside the subset of a larger one (the 1% images are among the 10%).
 
@@ -21,17 +22,19 @@ from cltool.errors import InputError
 
 
 def class_counts(labels: np.ndarray, fraction: float) -> dict[int, int]:
-    """Images kept per class at ``fraction``: ``floor(fraction * class size)``."""
+    """Images kept per class at ``fraction``: ``fraction * class size``, halves rounded up."""
     classes, sizes = np.unique(labels, return_counts=True)
-    # A hair over the product, so that 0.1 * 500 is 50, not 49 (float round-off).
+    # A hair over the product, so that 0.1 * 485 is 49 (48.5 rounded up), not 48.
     return {
-        int(c): math.floor(fraction * int(n) + 1e-9) for c, n in zip(classes, sizes, strict=True)
+        int(c): math.floor(fraction * int(n) + 0.5 + 1e-9)
+        for c, n in zip(classes, sizes, strict=True)
     }
 
 
 def minimum_fraction(labels: np.ndarray) -> float:
-    """The smallest fraction that keeps an image of every class: one image of the smallest."""
-    return 1.0 / int(np.unique(labels, return_counts=True)[1].min())
+    """The smallest fraction that keeps an image of every class: half an image of the smallest
+    class, rounded up to one."""
+    return 0.5 / int(np.unique(labels, return_counts=True)[1].min())
 
 
 def check_fraction(labels: np.ndarray, fraction: float, source: str) -> None:
@@ -48,7 +51,7 @@ def check_fraction(labels: np.ndarray, fraction: float, source: str) -> None:
         raise InputError(
             f"{source}: label fraction {fraction} leaves class {empty[0]} without a labelled "
             f"image ({len(labels)} training images, the smallest class has "
-            f"{round(1 / least)}): the smallest fraction that labels every class is "
+            f"{round(0.5 / least)}): the smallest fraction that labels every class is "
             f"{_round_up(least)}"
         )
 

@@ -3,7 +3,7 @@ distillation, as runs that start from another run (``cl run`` pipelines, ``cl ev
 ``cl status``, ``cl report``).
 
 Real training on the embedded glyphs throughout, sized to seconds: a tiny SimCLR v2 parent on
-500 images (its smallest class has 40, so the smallest fraction is 0.025) and stages of a few
+500 images (its smallest class has 40, so the smallest fraction is 0.0125) and stages of a few
 epochs. The losses are checked against plain float64 loops over their formulas.
 """
 
@@ -105,7 +105,8 @@ def test_labelled_subset_is_class_balanced_nested_and_its_own_seed() -> None:
     assert set(small) <= set(large)  # the 10% images are among the 50%
     assert np.array_equal(small, labelled_subset(labels, 0.1, 0))
     assert not np.array_equal(small, labelled_subset(labels, 0.1, 1))
-    assert minimum_fraction(labels) == pytest.approx(0.1)
+    assert minimum_fraction(labels) == pytest.approx(0.05)
+    assert class_counts(labels, 0.05)[3] == 1 and class_counts(labels, 0.049)[3] == 0
 
 
 def test_labelled_subset_is_the_same_for_every_method_and_training_seed() -> None:
@@ -176,7 +177,7 @@ def test_cl_eval_trains_each_stage_once_and_report_shows_them(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--finetune", "0.01"], "the smallest fraction that labels every class is 0.025"),
+        (["--finetune", "0.01"], "the smallest fraction that labels every class is 0.0125"),
         (["--finetune", "1.5"], "label fraction 1.5 is outside (0, 1]"),
         (["--finetune", "0"], "label fraction 0 is outside (0, 1]"),
         (["--finetune", "0.1", "--set", "finetune.start_layer=2"], "finetune.start_layer = 2"),
