@@ -114,9 +114,8 @@ class StageTrainer:
             torch.set_num_threads(recipe.train.threads)
         self.data = load_dataset(recipe.data)
         labels = self.data.train_y.numpy()
-        check_fraction(labels, stage.fraction, f"stage {stage.label}")
-        self.labelled = torch.from_numpy(
-            labelled_subset(labels, stage.fraction, self.cfg["subset_seed"])
+        self.labelled = labelled_positions(
+            labels, stage.fraction, self.cfg["subset_seed"], f"stage {stage.label}"
         )
         # distill learns from every image; the others from the labelled ones only
         self.train_indices = torch.arange(len(labels)) if stage.kind == "distill" else self.labelled
@@ -333,9 +332,17 @@ class StageTrainer:
         return True
 
 
-def labelled_indices(recipe: Recipe, fraction: float) -> np.ndarray:
-    """The training images that keep their label at ``fraction`` under ``recipe``'s data set
-    and ``stages.subset_seed``: what every labelled stage of the recipe trains on."""
+def labelled_positions(
+    labels: np.ndarray, fraction: float, subset_seed: int, source: str
+) -> torch.Tensor:
+    """Indices of the training images that keep their label, after refusing a fraction that
+    leaves a class without one (``source`` names what asked for it)."""
+    check_fraction(labels, fraction, source)
+    return torch.from_numpy(labelled_subset(labels, fraction, subset_seed))
+
+
+def labelled_indices(recipe: Recipe, fraction: float) -> torch.Tensor:
+    """The training images every labelled stage of ``recipe`` trains on at ``fraction``: a
+    function of its data set and ``stages.subset_seed`` only."""
     labels = load_dataset(recipe.data).train_y.numpy()
-    check_fraction(labels, fraction, "stages.fractions")
-    return labelled_subset(labels, fraction, recipe.stages.subset_seed)
+    return labelled_positions(labels, fraction, recipe.stages.subset_seed, "stages.fractions")
