@@ -310,3 +310,13 @@ def test_a_sweep_over_a_stage_key_is_refused_in_one_line(tmp_path: Path) -> None
     assert result.exit_code == 2
     assert "finetune.lr is a stage key" in result.output and "cl eval RUN" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_cl_keys_documents_every_stage_key(tmp_path: Path) -> None:
+    from cltool.recipe import all_keys
+
+    listed = run_cl("keys", cwd=tmp_path)
+    assert listed.returncode == 0
+    rows = {line.split("│")[1].strip() for line in listed.stdout.splitlines() if "│" in line}
+    stage_keys = [k for k in all_keys() if k.partition(".")[0] in ("stages", "finetune", "distill")]
+    assert len(stage_keys) == 24 and set(stage_keys) <= rows
