@@ -168,6 +168,10 @@ def run(
         overrides.append(f"wandb.enabled={'true' if wandb else 'false'}")
     loaded = load_recipe(recipe, overrides)
     run_dir = RunDir.for_run(out, loaded.name, loaded.fingerprint)
+    if loaded.stages.run:  # refused now, not after pretraining
+        from cltool.cli_eval import check_stage_inputs
+
+        check_stage_inputs(loaded, list(loaded.stages.run), str(recipe))
     if choose(executor, EXECUTORS, "--executor") == "slurm":
         table = SlurmOptions.from_table(read_toml(recipe).get("slurm", {}), str(recipe))
         options = table.overridden_by(replace(slurm, nodes=nodes))
@@ -192,6 +196,13 @@ def run(
     if not quiet and summary is not None:
         console.print(summary_table(f"{loaded.name} {loaded.fingerprint}", summary))
         console.print(f"run folder: {run_dir.path}", highlight=False)
+    if loaded.stages.run and summary is not None:
+        from cltool.cli_eval import train_stages
+        from cltool.signals import StopFlag
+
+        stop = StopFlag(stop_announcer(console)).install()
+        stages = list(loaded.stages.run)
+        train_stages(loaded, run_dir, stages, force=force, quiet=quiet, should_stop=stop)
 
 
 def train_here(
@@ -271,6 +282,12 @@ def submit_to_slurm(
         highlight=False,
         soft_wrap=True,
     )
+    if recipe.stages.run:
+        stages_job = launch.submit_run_stages(recipe, out, options, job_id)
+        console.print(
+            f"submitted job {stages_job}: its stages, once job {job_id} succeeded",
+            highlight=False,
+        )
 
 
 def run_local_ranks(
@@ -326,9 +343,11 @@ def keys() -> None:
 def _register_subcommands() -> None:
     """Commands that live in their own modules, added after ``run`` so that ``cl --help`` lists
     the main command first."""
+    from cltool.cli_eval import register as register_eval
     from cltool.cli_report import register as register_report
     from cltool.cli_sweep import register as register_sweep
 
+    register_eval(app)
     register_sweep(app)
     register_report(app)
 

@@ -7,6 +7,7 @@ once, and training is imported only by the executor that trains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, replace
@@ -34,6 +35,7 @@ from cltool.text import plural
 
 if TYPE_CHECKING:
     from cltool.status import RunStatus
+    from cltool.sweep import Sweep
 
 console = RunConsole()
 
@@ -186,6 +188,7 @@ def sweep_command(
         seeds=seeds,
         overrides=[parse_assignment(item) for item in set_ or []],
     )
+    check_sweep_stages(sweep)
     options = None
     if executor == "slurm":
         flags = replace(slurm, array_parallelism=array_parallelism)
@@ -246,6 +249,24 @@ def sweep_command(
             f"{len(failed)} of {plural(len(todo), 'run')} did not finish: cl status {folder}"
         )
     _print_next_steps(folder)
+
+
+def check_sweep_stages(sweep: Sweep) -> None:
+    """Refuse, before anything is written, the stages some run could not train (a head layer
+    it lacks, a label fraction that leaves a class empty); each distinct setting is checked
+    once, as it loads the data set's labels."""
+    from cltool.cli_eval import check_stage_inputs
+
+    checked: set[str] = set()
+    for run in sweep.runs:
+        recipe = run.recipe
+        if not recipe.stages.run:
+            continue
+        what = (recipe.data, recipe.model, recipe.stages, recipe.finetune, recipe.distill)
+        key = json.dumps([dataclasses.asdict(part) for part in what], sort_keys=True)
+        if key not in checked:
+            checked.add(key)
+            check_stage_inputs(recipe, list(recipe.stages.run), str(sweep.source))
 
 
 def _print_next_steps(folder: Path) -> None:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,17 @@ class Plan:
 
 
 def make_plan(sweep: Sweep, out: Path, retry_failed: bool) -> Plan:
+    """Each run's action; a done run whose stages are not all done (nor active) is submitted
+    again for them (it answers at once, its stages train)."""
     statuses = collect(Path(out), run_entries(sweep, out))
-    return Plan(statuses, {s.run_id: plan_action(s.state, retry_failed) for s in statuses})
+    actions = {s.run_id: plan_action(s.state, retry_failed) for s in statuses}
+    parent = ""
+    for s in statuses:
+        if s.stage is None:
+            parent = s.run_id
+        elif actions[parent] == "skip: done" and plan_action(s.state, retry_failed) == WILL_SUBMIT:
+            actions[parent] = WILL_SUBMIT
+    return Plan(statuses, actions)
 
 
 # -- running one run --------------------------------------------------------------------------
@@ -116,6 +125,37 @@ def run_in_process(
         mark_failed(run.run_dir(out), one_line(err))
         return FAILED
     return outcome.status
+
+
+def run_stages_in_process(
+    recipe: Recipe,
+    out: Path,
+    sweep_id: str | None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> str:
+    """Train a finished run's stages here, in order; returns done, or failed when a stage
+    failed (a stage whose teacher failed is left unwritten: ``cl status`` says blocked).
+    Raises ``Interrupted`` when stopped."""
+    from cltool.lock import RunHeld
+    from cltool.run import Interrupted, one_line
+    from cltool.stage_run import run_stage
+    from cltool.stages import plan_stages
+
+    run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+    status = DONE
+    for stage in plan_stages(recipe):
+        try:
+            run_stage(stage, recipe, run_dir, quiet=True, group=sweep_id, should_stop=should_stop)
+        except Interrupted:
+            raise
+        except RunHeld:
+            continue
+        except InputError:
+            status = FAILED  # nothing was written: a parent that did not finish
+        except Exception as err:
+            mark_failed(stage.folder(run_dir), one_line(err))
+            status = FAILED
+    return status
 
 
 class _PreemptFlag:
@@ -177,6 +217,27 @@ class RunTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
+@dataclass(frozen=True)
+class StagesTask(RunTask):
+    """What a SLURM stages job runs: the stages of one run of a sweep, submitted to start only
+    once the run's own job succeeded (``afterok:<its job id>``)."""
+
+    def __call__(self) -> str:
+        from cltool.recipe import load_recipe
+        from cltool.run import Interrupted
+
+        recipe = load_recipe(self.recipe_file)
+        preempt = _PreemptFlag()
+        try:
+            status = run_stages_in_process(recipe, Path(self.out), self.sweep_id, preempt)
+        except Interrupted:
+            preempt.hand_over()
+            raise
+        if status != DONE:
+            raise RuntimeError(f"stages of run {recipe.fingerprint} {status}: see cl status")
+        return status
+
+
 # -- local executors --------------------------------------------------------------------------
 
 
@@ -211,6 +272,10 @@ def run_serial(
         with console.status(f"{label}: training", spinner="dots"):
             try:
                 results[run.run_id] = run_in_process(run, out, sweep.sweep_id, should_stop)
+                if results[run.run_id] == DONE and run.recipe.stages.run:
+                    results[run.run_id] = run_stages_in_process(
+                        run.recipe, out, sweep.sweep_id, should_stop
+                    )
             except Interrupted as stop:
                 raise CLToolError(
                     f"sweep interrupted during run {run.run_id}: rerun the same command to resume",
@@ -425,6 +490,7 @@ def submit_slurm(
             }
         record_submissions(folder, records)
         array_ids.append(jobs[0].job_id.partition("_")[0])
+        submit_stages(sweep, chunk, out, options, {r: rec["job_id"] for r, rec in records.items()})
     return array_ids
 
 
@@ -499,3 +565,53 @@ def run_search_workers(folder: Path, jobs: int, tick: Callable[[], None]) -> lis
         raise CLToolError(
             "search interrupted: rerun the same command to resume", exit_code=130
         ) from None
+
+
+def submit_stages(
+    sweep: Sweep,
+    runs: list[PlannedRun],
+    out: Path,
+    options: SlurmOptions,
+    parent_jobs: dict[str, str],
+) -> None:
+    """One job per run with stages, each held until its own run's array task succeeded
+    (``afterok:<array job>_<index>``): a stage waits for its parent, not for the sweep. A run
+    that fails leaves its stages' job waiting; ``cl status`` calls those stages blocked."""
+    folder = sweep.folder(out)
+    staged = [run for run in runs if run.recipe.stages.run]
+    if not staged:
+        return
+    executor = _slurm_executor(slurm_folder(sweep, out), options, f"cl-{sweep.sweep_id}-stages")
+    records = {}
+    for run in staged:
+        parent = parent_jobs[run.run_id]
+        recipe_file = folder / RECIPES / f"{run.run_id}.toml"
+        job_id = _submit_after(
+            executor, StagesTask(str(recipe_file), str(out), sweep.sweep_id), parent
+        )
+        records[run.run_id] = {
+            "executor": "slurm",
+            "job_id": job_id,
+            "array_job_id": job_id,
+            "array_index": None,
+            "depends_on": parent,
+            "submitted_at": time.time(),
+        }
+    record_submissions(folder, records, field="stage_submissions")
+
+
+def _submit_after(executor: Any, task: StagesTask, parent_job: str) -> str:
+    """Submit ``task`` to start once ``parent_job`` succeeded; returns its job id."""
+    executor.update_parameters(dependency=f"afterok:{parent_job}")
+    with _sbatch_errors():
+        return executor.submit(task).job_id
+
+
+def submit_run_stages(recipe: Recipe, out: Path, options: SlurmOptions, parent_job: str) -> str:
+    """``cl run --executor slurm`` of a recipe with stages: one job for them, held until the
+    run's job succeeded; returns its job id."""
+    out = Path(out).resolve()
+    run_dir = RunDir.for_run(out, recipe.name, recipe.fingerprint)
+    single = replace(options, nodes=1, ntasks_per_node=None)  # stages train on one process
+    executor = _slurm_executor(run_dir.path / "slurm", single, f"cl-{recipe.fingerprint}-stages")
+    return _submit_after(executor, StagesTask(str(run_dir.config), str(out), None), parent_job)

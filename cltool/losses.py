@@ -346,3 +346,20 @@ def circle_loss(
         return _zero(emb)
     losses = F.softplus(_masked_logsumexp(logit_n, negative) + _masked_logsumexp(logit_p, positive))
     return losses[valid].mean()
+
+
+# --------------------------------------------------------------------------------------------
+# after pretraining: fine-tuning and distillation (SimCLR v2)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of logits [B, C] against labels [B], mean over the batch: fine-tuning's,
+    the linear probe's and supervised training's loss."""
+    return F.cross_entropy(logits, labels)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """SimCLR v2's distillation loss (eq. 2): -Σ_y P_T(y|x; T) log P_S(y|x; T), the teacher's
+    softened prediction as the target, mean over the batch. The teacher gets no gradient."""
+    target = F.softmax(teacher_logits.detach() / T, dim=1)
+    return -(target * F.log_softmax(student_logits / T, dim=1)).sum(1).mean()

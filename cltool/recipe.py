@@ -23,7 +23,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,8 @@ from cltool.errors import RecipeError
 
 DATASETS = ("glyphs", "digits", "cifar10", "cifar100", "stl10", "imagefolder")
 METHODS = ("moco", "mocov3", "simclr", "supcon", "instdisc", "xbm", "spcl")
+#: What may follow pretraining, in the order a pipeline runs them (:mod:`cltool.stages`).
+STAGE_KINDS = ("finetune", "linear", "supervised", "distill")
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,70 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class StagesConfig:
+    run: list[str] = knob(
+        [],
+        doc="stages after pretraining, any of finetune, linear, supervised, distill "
+        "(cl run and cl sweep run them once the run is done; cl eval on a finished run)",
+    )
+    fractions: list[float] = knob(
+        [0.01, 0.1], doc="label fractions in (0, 1] of finetune, linear and supervised"
+    )
+    subset_seed: int = knob(
+        0, doc="seed of the class-balanced labelled subsets: the same images for every run"
+    )
+
+
+@dataclass(frozen=True)
+class StageOptimConfig:
+    """The budget of a stage: fine-tuning, the linear probe and supervised-from-scratch share
+    the ``[finetune]`` one, so that they compare at the same budget."""
+
+    epochs: int = knob(100, AT_LEAST_1, "passes over the stage's training images")
+    batch_size: int = knob(64, Bound(2), "images per step")
+    optimizer: Literal["sgd", "adamw"] = knob("sgd")
+    lr: float = knob(0.05, POSITIVE, "learning rate, cosine-decayed to 0")
+    momentum: float = knob(0.9, MOMENTUM, "SGD momentum")
+    weight_decay: float = knob(5e-4, AT_LEAST_0)
+    seed: int = knob(
+        0,
+        doc="added to the run's train.seed: the seed of the stage's initialisation, data order "
+        "and augmentation (a sweep's seeds give its stages distinct seeds too)",
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(StageOptimConfig):
+    start_layer: int = knob(
+        -1,
+        Bound(-1),
+        "where the classifier goes: 0 after the backbone, i after head layer i "
+        "(SimCLR v2: 1), -1 as the parent's model.eval_head_layers",
+    )
+    augment: bool = knob(
+        True, doc="the parent's crop, rotation and flip on each labelled image (no colour)"
+    )
+
+
+@dataclass(frozen=True)
+class DistillConfig(StageOptimConfig):
+    epochs: int = knob(10, AT_LEAST_1, "passes over all training images")
+    batch_size: int = knob(256, Bound(2), "images per step")
+    lr: float = knob(0.1, POSITIVE, "learning rate, cosine-decayed to 0")
+    fraction: float = knob(
+        0.1, Bound(0, 1, low_inclusive=False), "the teacher: the finetune stage on this fraction"
+    )
+    T: float = knob(1.0, POSITIVE, "temperature of the teacher's and student's softmax")
+    backbone: Literal["same", "small_cnn", "resnet18", "resnet50"] = knob(
+        "same", doc="the student's backbone (same: the teacher's)"
+    )
+    width: int = knob(0, AT_LEAST_0, "the student's small_cnn width (0: the teacher's)")
+    labels: bool = knob(
+        False, doc="also cross-entropy on the labelled images of each batch (SimCLR v2 eq. 3)"
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = knob(
         "run",
@@ -269,6 +335,9 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,15 +347,19 @@ class Recipe:
         """Short hash of the canonical resolved recipe: the run id.
 
         The name and the W&B settings are left out: the same settings under two names, or
-        logged to two projects, are one run.
+        logged to two projects, are one run. So are the stage tables: they say what follows
+        the run, and each stage has its own id (:mod:`cltool.stages`).
         """
-        canonical = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        left_out = NOT_FINGERPRINTED | STAGE_TABLES
+        canonical = {k: v for k, v in self.to_dict().items() if k not in left_out}
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 #: Keys that change where results go, not what they are.
 NOT_FINGERPRINTED = frozenset({"name", "wandb"})
+#: Tables that describe the stages after pretraining, not the pretraining run itself.
+STAGE_TABLES = frozenset({"stages", "finetune", "distill"})
 
 #: Short names accepted by ``--set`` and ``cl sweep --param``.
 SHORT_NAMES: dict[str, str] = {
@@ -576,6 +649,7 @@ def _check_consistency(recipe: Recipe, source: str, flags: Mapping[str, str]) ->
             f"{model.head_layers - 2} hidden head layers that precede the final MLP: raise "
             "model.head_layers or lower model.eval_head_layers"
         )
+    _check_stages(recipe, blame)
     spcl = recipe.spcl
     if spcl.distance == "jaccard" and spcl.eps + spcl.eps_delta >= 1:
         raise RecipeError(
@@ -584,6 +658,29 @@ def _check_consistency(recipe: Recipe, source: str, flags: Mapping[str, str]) ->
             "Jaccard distance of images that share no neighbour, so DBSCAN would join them all: "
             "keep spcl.eps + spcl.eps_delta below 1 (the paper: 0.6)"
         )
+
+
+def _check_stages(recipe: Recipe, blame: Callable[..., str]) -> None:
+    """The list-valued stage keys, item by item (the type check sees only a list)."""
+    for kind in recipe.stages.run:
+        if kind not in STAGE_KINDS:
+            close = difflib.get_close_matches(str(kind), STAGE_KINDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(
+                f"{blame('stages.run')}: stages.run holds {_show(kind)}, not a stage{hint}: "
+                f"choose from {', '.join(STAGE_KINDS)}"
+            )
+    for fraction in recipe.stages.fractions:
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise RecipeError(
+                f"{blame('stages.fractions')}: stages.fractions holds {_show(fraction)}: "
+                "write numbers in (0, 1], e.g. [0.01, 0.1]"
+            )
+        if not 0 < fraction <= 1:
+            raise RecipeError(
+                f"{blame('stages.fractions')}: stages.fractions holds {fraction}, outside "
+                "(0, 1]: a label fraction is a share of the training images, e.g. 0.01 for 1%"
+            )
 
 
 def check_world_size(recipe: Recipe, world_size: int) -> None:

@@ -100,6 +100,13 @@ def git_commit() -> str | None:
 def prepare_run_dir(run_dir: RunDir, recipe: Recipe, force: bool) -> None:
     """Create the folder with its ``config.toml``; ``force`` first clears what a previous run
     left (the lock stays: whoever called this holds it, or checked that nobody does)."""
+    prepare_folder(run_dir, to_toml(recipe), force)
+
+
+def prepare_folder(run_dir: RunDir, description: str, force: bool) -> None:
+    """Create a run's or a stage's folder with the file that describes it (``run_dir.config``);
+    ``force`` first clears everything but the lock. A forced run also drops its stages: they
+    started from weights that are gone."""
     if force and run_dir.path.exists():
         for entry in run_dir.path.iterdir():
             if entry.name == run_dir.lock_file.name:
@@ -110,7 +117,7 @@ def prepare_run_dir(run_dir: RunDir, recipe: Recipe, force: bool) -> None:
                 entry.unlink()
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if not run_dir.config.exists():
-        atomic_write_text(run_dir.config, to_toml(recipe))
+        atomic_write_text(run_dir.config, description)
 
 
 def one_line(err: BaseException) -> str:

@@ -18,6 +18,8 @@ none of them reads ``state.json`` on its own. The states:
 - ``lost``: "running" in the folder but nobody holds it: its process died (``kill -9``, a lost
   node, a job that left the queue)
 - ``new``: never started
+- ``blocked``: a stage (:mod:`cltool.stages`) that has not run and cannot, because the run or
+  stage it starts from failed (or was lost, or interrupted): "blocked by <its id>"
 
 The scheduler is asked only through ``squeue`` (never ``sacct``: many clusters run without
 accounting), and only by callers that pass its queue. This module imports no torch.
@@ -37,11 +39,11 @@ from typing import Any
 from cltool.lock import Holder, process_alive, read_holder
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir
 
-NEW, PENDING, SUBMITTED, LOST = "new", "pending", "submitted", "lost"
+NEW, PENDING, SUBMITTED, LOST, BLOCKED = "new", "pending", "submitted", "lost", "blocked"
 #: Stopped early by a search's pruner (:mod:`cltool.search_worker`): final for its search.
 PRUNED = "pruned"
 #: Every state, in the order tables list them.
-STATES = (DONE, RUNNING, PENDING, SUBMITTED, INTERRUPTED, FAILED, LOST, NEW, PRUNED)
+STATES = (DONE, RUNNING, PENDING, SUBMITTED, INTERRUPTED, FAILED, LOST, BLOCKED, NEW, PRUNED)
 #: States in which a run is someone's business right now: a re-run leaves them alone.
 ACTIVE = frozenset({PENDING, SUBMITTED, RUNNING})
 #: squeue states of a job that has not started (again) yet.
@@ -126,3 +128,27 @@ def run_state(
     if isinstance(pid, int) and process_alive(pid, None):
         return RunState(SUBMITTED, f"local process {pid}")
     return RunState(LOST, "its local process ended before it started; run it again")
+
+
+#: States of a parent that leave its stages waiting for something that will not come by itself.
+STOPPED = frozenset({FAILED, LOST, INTERRUPTED})
+
+
+def stage_state(
+    stage_dir: RunDir,
+    parent_id: str,
+    parent: RunState,
+    submission: Mapping[str, Any] | None = None,
+    queue: Mapping[str, str] | None = None,
+) -> RunState:
+    """The state of a stage: a run's state, except that a stage which has not started and
+    whose parent (``parent_id`` in state ``parent``) stopped is blocked by it. A SLURM job
+    that waits on the parent's job (afterok) is blocked too: its dependency cannot be met."""
+    found = run_state(stage_dir, submission, queue)
+    if parent.name not in STOPPED or found.name not in (NEW, PENDING, SUBMITTED, LOST):
+        return found
+    reason = f"blocked by {parent_id} ({parent.name})"
+    if found.name == PENDING and submission is not None:
+        job = submission.get("job_id")
+        reason += f"; its SLURM job {job} waits on a dependency never met: scancel {job}"
+    return RunState(BLOCKED, reason)

@@ -18,7 +18,19 @@ from typing import Any
 from rich.table import Table
 
 from cltool.recipe import short_key
-from cltool.runstate import ACTIVE, LOST, PENDING, PRUNED, on_slurm, run_state, scheduler_states
+from cltool.runstate import (
+    ACTIVE,
+    BLOCKED,
+    LOST,
+    NEW,
+    PENDING,
+    PRUNED,
+    RunState,
+    on_slurm,
+    run_state,
+    scheduler_states,
+    stage_state,
+)
 from cltool.sweep import load_manifest, sweep_out
 from cltool.track import DONE, FAILED, RUNNING, RunDir
 
@@ -26,6 +38,7 @@ STATE_STYLE = {
     DONE: "green",
     FAILED: "red",
     LOST: "red",
+    BLOCKED: "red",
     RUNNING: "cyan",
     PENDING: "yellow",
     PRUNED: "magenta",
@@ -46,6 +59,8 @@ class RunStatus:
     job_id: str | None
     reason: str | None
     executor: str | None = None
+    #: A stage's label (``finetune 1%``); None for a run.
+    stage: str | None = None
 
     @property
     def job_text(self) -> str:
@@ -63,10 +78,13 @@ def run_status(
     submissions: list[dict[str, Any]],
     queue: Mapping[str, str] | None,
     now: float | None = None,
+    found: RunState | None = None,
+    stage: str | None = None,
 ) -> RunStatus:
-    """A row for one run: its state plus progress and a rough ETA from the heartbeat."""
+    """A row for one run (or stage, ``found`` its state): its state plus progress and a rough
+    ETA from the heartbeat."""
     now = time.time() if now is None else now
-    found = run_state(run_dir, submissions[-1] if submissions else None, queue, now)
+    found = found or run_state(run_dir, submissions[-1] if submissions else None, queue, now)
     state_name = found.name
     state = run_dir.state() or {}
     epochs, step, total = state.get("epochs"), state.get("global_step"), state.get("total_steps")
@@ -88,19 +106,60 @@ def run_status(
         job_id=str(submissions[-1].get("job_id")) if submissions else None,
         reason=found.reason,
         executor=submissions[-1].get("executor") if submissions else None,
+        stage=stage,
     )
 
 
 def collect(out: Path, runs: list[dict[str, Any]]) -> list[RunStatus]:
     """Statuses of manifest-style run entries; asks squeue only when some run went to SLURM."""
-    queue = scheduler_states() if any(on_slurm(r["submissions"]) for r in runs) else None
+    slurm = any(on_slurm(r["submissions"] + r.get("stage_submissions", [])) for r in runs)
+    queue = scheduler_states() if slurm else None
     now = time.time()
-    return [
-        run_status(
+    rows = []
+    for r in runs:
+        row = run_status(
             RunDir(out / r["run_dir"]), r["run_id"], r["params"], r["submissions"], queue, now
         )
-        for r in runs
-    ]
+        rows.append(row)
+        rows.extend(_stage_rows(out, r, row, queue, now))
+    return rows
+
+
+def _stage_rows(
+    out: Path,
+    entry: dict[str, Any],
+    parent: RunStatus,
+    queue: Mapping[str, str] | None,
+    now: float,
+) -> list[RunStatus]:
+    """Rows for a run's stages (after its own), each blocked when what it starts from stopped."""
+    submissions = entry.get("stage_submissions", [])
+    states = {parent.run_id: RunState(parent.state, parent.reason)}
+    rows = []
+    for stage in entry.get("stages", []):
+        stage_dir = RunDir(out / stage["run_dir"])
+        parent_state = states.get(stage["parent"], RunState(NEW))
+        found = stage_state(
+            stage_dir,
+            stage["parent"],
+            parent_state,
+            submissions[-1] if submissions else None,
+            queue,
+        )
+        states[stage["stage_id"]] = found
+        rows.append(
+            run_status(
+                stage_dir,
+                stage["stage_id"],
+                entry["params"],
+                submissions,
+                queue,
+                now,
+                found,
+                stage["label"],
+            )
+        )
+    return rows
 
 
 def sweep_status(folder: Path) -> list[RunStatus]:
@@ -147,6 +206,9 @@ def status_table(
     extra = extra or {}
     table = Table(title=title or None, title_justify="left")
     table.add_column("run", no_wrap=True)
+    stages = any(s.stage for s in statuses)
+    if stages:
+        table.add_column("stage", no_wrap=True)
     for key in swept_keys:
         table.add_column(short_key(key), justify="right")
     for name in extra:
@@ -165,8 +227,8 @@ def status_table(
         state = f"[{style}]{s.state}[/]" if style else s.state
         epoch = f"{s.epochs_done}/{s.epochs}" if s.epochs_done is not None else ""
         loss = f"{s.loss:.4f}" if s.loss is not None else ""
-        cells = [
-            s.run_id,
+        cells = [s.run_id, *([s.stage or ""] if stages else [])]
+        cells += [
             *(format_value(s.params.get(k)) for k in swept_keys),
             *(column.get(s.run_id, "") for column in extra.values()),
             state,

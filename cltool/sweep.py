@@ -49,6 +49,7 @@ from typing import Any
 
 from cltool.errors import InputError, RecipeError
 from cltool.recipe import (
+    STAGE_TABLES,
     Recipe,
     canonical_key,
     expects_number,
@@ -59,6 +60,7 @@ from cltool.recipe import (
     short_key,
     to_toml,
 )
+from cltool.stages import STAGES, plan_stages
 from cltool.track import RunDir, atomic_write_json, atomic_write_text, read_json
 
 SWEEPS = "sweeps"
@@ -344,6 +346,18 @@ def merge_dimensions(file_dims: list[Dimension], flag_dims: list[Dimension]) -> 
     return dims
 
 
+def _refuse_swept_stage_keys(dims: list[Dimension]) -> None:
+    """Stage keys are left out of a run's id, so values of one would collapse into one run:
+    refused, with the command that does sweep a stage setting."""
+    for dim in dims:
+        for key in dim.keys:
+            if key.partition(".")[0] in STAGE_TABLES:
+                raise RecipeError(
+                    f"{dim.source}: {key} is a stage key, not part of a run: a sweep varies "
+                    f"runs; try each value on the finished runs with cl eval RUN --set {key}=..."
+                )
+
+
 def compile_sweep(
     path: Path,
     *,
@@ -361,6 +375,7 @@ def compile_sweep(
     file_dims, file_seeds = parse_sweep_table(table.get("sweep", {}), str(path))
     flag_dims = [parse_param(p) for p in params] + [parse_zip(z) for z in zips]
     dims = merge_dimensions(file_dims, flag_dims)
+    _refuse_swept_stage_keys(dims)
     base = resolve(table, list(overrides), source=str(path), default_name=path.stem)
     if seeds is None and not any(SEED_KEY in d.keys for d in flag_dims):
         seeds = file_seeds
@@ -418,16 +433,34 @@ def compile_sweep(
 def run_entries(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """The manifest's per-run records, keeping the submissions an earlier launch recorded."""
     previous = read_json(sweep.folder(out) / MANIFEST) or {}
-    submissions = {r["run_id"]: r.get("submissions", []) for r in previous.get("runs", [])}
-    return [
-        {
+    runs = {r["run_id"]: r for r in previous.get("runs", [])}
+    entries = []
+    for run in sweep.runs:
+        before = runs.get(run.run_id, {})
+        entry = {
             "run_id": run.run_id,
             "run_dir": f"{run.recipe.name}/{run.run_id}",
             "recipe": f"{RECIPES}/{run.run_id}.toml",
             "params": run.params,
-            "submissions": submissions.get(run.run_id, []),
+            "submissions": before.get("submissions", []),
         }
-        for run in sweep.runs
+        if run.recipe.stages.run:
+            entry["stages"] = stage_entries(run)
+            entry["stage_submissions"] = before.get("stage_submissions", [])
+        entries.append(entry)
+    return entries
+
+
+def stage_entries(run: PlannedRun) -> list[dict[str, Any]]:
+    """A run's stages as the manifest lists them: what status and report need to find them."""
+    return [
+        {
+            "stage_id": stage.stage_id,
+            "label": stage.label,
+            "parent": stage.parent_id,
+            "run_dir": f"{run.recipe.name}/{run.run_id}/{STAGES}/{stage.stage_id}",
+        }
+        for stage in plan_stages(run.recipe)
     ]
 
 
@@ -459,13 +492,17 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def record_submissions(folder: Path, submissions: dict[str, dict[str, Any]]) -> None:
-    """Append one submission record per run id (attempt numbers count up per run)."""
+def record_submissions(
+    folder: Path, submissions: dict[str, dict[str, Any]], field: str = "submissions"
+) -> None:
+    """Append one submission record per run id (attempt numbers count up per run);
+    ``field="stage_submissions"`` records the job of a run's stages."""
     manifest = load_manifest(folder)
     for entry in manifest["runs"]:
         record = submissions.get(entry["run_id"])
         if record is not None:
-            entry["submissions"].append({**record, "attempt": len(entry["submissions"]) + 1})
+            entry.setdefault(field, [])
+            entry[field].append({**record, "attempt": len(entry[field]) + 1})
     atomic_write_json(Path(folder) / MANIFEST, manifest)
 
 

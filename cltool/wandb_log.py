@@ -197,8 +197,11 @@ def open_wandb(
     sweep_id: str | None = None,
     swept: dict[str, Any] | None = None,
     echo: Echo | None = None,
+    init: dict[str, Any] | None = None,
 ) -> WandbSink | None:
-    """The W&B sink of a run starting or resuming, or None when W&B is off or cannot start."""
+    """The W&B sink of a run starting or resuming, or None when W&B is off or cannot start;
+    ``init`` replaces ``wandb.init`` arguments (a stage: its own id, config and job type in its
+    parent's group)."""
     if not recipe.wandb.enabled:
         return None
     echo = echo or _stderr
@@ -208,7 +211,7 @@ def open_wandb(
         echo("W&B: the wandb package is not installed; logging to the run folder only")
         return None
     os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir.path.parent.parent / ".wandb-cache"))
-    kwargs = init_kwargs(recipe, run_dir, sweep_id, swept)
+    kwargs = init_kwargs(recipe, run_dir, sweep_id, swept) | (init or {})
     mode = choose_mode(recipe.wandb.mode)
     offline_note = f"upload later with `cl sync {run_dir.path}`"
     if mode == "online" and not reachable(base_url()):

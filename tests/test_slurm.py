@@ -108,7 +108,7 @@ def sweep_folders() -> Iterator[list[Path]]:
     yield folders
     for folder in folders:
         for entry in load_manifest(folder)["runs"]:
-            for submission in entry["submissions"]:
+            for submission in entry["submissions"] + entry.get("stage_submissions", []):
                 subprocess.run(["scancel", submission["array_job_id"]], timeout=20, check=False)
 
 
@@ -203,6 +203,36 @@ def test_status_reports_a_run_that_crashed_inside_its_job(
     table = invoke("status", folder)
     assert table.exit_code == 3 and "failed" in table.output
     print(f"failed-run sweep: {time.monotonic() - started:.1f} s")
+
+
+def test_stages_wait_for_their_own_run_through_job_dependencies(
+    tmp_path: Path, sweep_folders: list[Path]
+) -> None:
+    """A 2-run sweep with a fine-tuning stage: each run's stages are one job submitted with
+    ``afterok:<its run's array task>``, and start once that run is done."""
+    started = time.monotonic()
+    stages = ['stages.run=["finetune"]', "stages.fractions=[0.1]", "finetune.epochs=2"]
+    folder = submit(tmp_path, sweep_folders, "--param", "m=0.9,0.99", *sets([*TINY, *stages]))
+    entries = load_manifest(folder)["runs"]
+    for entry in entries:
+        (parent,) = entry["submissions"]
+        (stage_job,) = entry["stage_submissions"]
+        assert stage_job["depends_on"] == parent["job_id"]
+        script = folder / "slurm" / f"{stage_job['job_id']}_submission.sh"
+        assert f"#SBATCH --dependency=afterok:{parent['job_id']}" in script.read_text()
+    wait_for(lambda: settled(sweep_status(folder)), 300, "runs and stages to finish")
+    rows = sweep_status(folder)
+    assert [r.state for r in rows] == [DONE] * 4, [(r.run_id, r.state, r.reason) for r in rows]
+    assert [r.stage for r in rows] == [None, "finetune 10%", None, "finetune 10%"]
+    for entry in entries:
+        run_dir = RunDir(tmp_path / entry["run_dir"])
+        (stage,) = entry["stages"]
+        stage_dir = RunDir(tmp_path / stage["run_dir"])
+        assert stage_dir.summary()["parent"] == entry["run_id"]
+        # the stage started after its run had finished
+        assert stage_dir.state()["started_at"] >= run_dir.state()["updated_at"]
+    assert invoke("status", folder).exit_code == 0
+    print(f"2 runs + 2 stage jobs: {time.monotonic() - started:.1f} s")
 
 
 def test_two_overlapping_sweeps_train_their_shared_run_once(
@@ -329,3 +359,27 @@ def test_a_preempted_search_worker_is_requeued_and_resumes_its_trial(tmp_path: P
     assert preempted_at <= summary["resumed_from_step"] < summary["global_step"]
     assert len(load_manifest(folder)["runs"]) == 1
     print(f"preempted search worker: {time.monotonic() - started:.1f} s")
+
+
+def test_cl_run_on_slurm_submits_its_stages_after_its_job(tmp_path: Path) -> None:
+    """``cl run --executor slurm`` of a recipe with stages: the run's job, then a stages job
+    held by ``afterok`` on it; both end done."""
+    from cltool.cli import app
+    from cltool.stages import stage_dirs
+
+    stages = ['stages.run=["finetune"]', "stages.fractions=[0.1]", "finetune.epochs=2"]
+    args = ["run", MOCO, *SLURM, "--out", tmp_path, *sets([*TINY, *stages])]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split("submitted job ")[1].split(":")[0]
+    stages_job = result.output.split("submitted job ")[2].split(":")[0]
+    assert f"once job {job_id} succeeded" in result.output
+    run_dir = RunDir.for_run(tmp_path, "moco", load_recipe(MOCO, [*TINY, *stages]).fingerprint)
+    script = run_dir.path / "slurm" / f"{stages_job}_submission.sh"
+    assert f"#SBATCH --dependency=afterok:{job_id}" in script.read_text()
+    try:
+        wait_for(lambda: any(d.is_done() for d in stage_dirs(run_dir)), 240, "the stage")
+    finally:
+        subprocess.run(["scancel", job_id, stages_job], timeout=20, check=False)
+    (stage,) = stage_dirs(run_dir)
+    assert stage.state()["started_at"] >= run_dir.state()["updated_at"]

@@ -351,3 +351,33 @@ def test_wandb_on_a_finished_run_logs_it_from_its_folder_once(tmp_path: Path) ->
         again.stderr
     )
     assert len(sessions(outcome.run_dir)) == 1
+
+
+def test_a_stage_logs_to_its_own_wandb_run_in_its_parents_group(tmp_path: Path) -> None:
+    """A fine-tuning stage of a W&B run: its own offline W&B run (id = stage id, job type =
+    its kind) in the group its parent logs to, with its summary."""
+    from cltool.run import run_recipe
+    from cltool.stage_run import run_stages
+    from cltool.stages import plan_stages
+
+    recipe = resolve(
+        {
+            "name": "tiny",
+            "data": {"num_train": 256, "num_test": 64},
+            "model": {"width": 8},
+            "train": {"epochs": 1, "batch_size": 64},
+            "eval": {"linear": False, "baselines": False},
+            "wandb": {"enabled": True, "project": "cltest"},
+            "stages": {"run": ["finetune"], "fractions": [0.5]},
+            "finetune": {"epochs": 2},
+        }
+    )
+    outcome = run_recipe(recipe, tmp_path, quiet=True, sweep_id="s1")
+    (stage,) = plan_stages(recipe)
+    (done,) = run_stages([stage], recipe, outcome.run_dir, quiet=True, group="s1")
+    (session,) = sessions(done.run_dir)
+    run = session["run"]
+    assert (run.run_id, run.run_group, run.job_type) == (stage.stage_id, "s1", "finetune")
+    assert session["config"]["parent"] == recipe.fingerprint
+    assert session["summary"]["top1"] == done.summary["top1"]
+    assert session["exit_code"] == 0

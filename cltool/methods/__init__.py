@@ -8,6 +8,8 @@ Every method is a ``torch.nn.Module`` with
 - ``end_step()``: called after the optimiser step (memory updates that the backward pass must
   not see happen here);
 - ``backbone``: the module whose features evaluation uses;
+- ``query_encoder``: the :class:`~cltool.nets.Encoder` (backbone and head) that stages start
+  from;
 - ``on_epoch_start(epoch, trainer)``: called before an epoch's first step (never on a resume
   inside an epoch), for work over the whole data set such as SpCL's clustering;
 - all memory (queue, bank, pointer) in registered buffers, so ``state_dict()`` is the checkpoint.
@@ -50,6 +52,12 @@ class Method(nn.Module):
         """The step's loss: DistributedDataParallel hooks its gradient averaging into a
         module's forward, so the training loss is reached through it."""
         return self.training_loss(*step)
+
+    @property
+    def query_encoder(self) -> nn.Module:
+        """The encoder the loss trains with gradients, whose weights stages start from; the
+        methods with one shared encoder call it ``encoder`` (MoCo's family: ``encoder_q``)."""
+        return self.encoder
 
     def end_step(self) -> None:
         """Memory updates after the optimiser step; none by default."""

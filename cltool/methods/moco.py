@@ -50,6 +50,10 @@ class MoCo(Method):
     def backbone(self) -> nn.Module:
         return evaluation_network(self.encoder_q, self.recipe.model.eval_head_layers)
 
+    @property
+    def query_encoder(self) -> nn.Module:
+        return self.encoder_q
+
     def momentum(self, progress: Progress) -> float:
         m = self.recipe.key_encoder.m
         if self.recipe.key_encoder.m_schedule == "cosine":

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cltool.errors import InputError
-from cltool.recipe import SHORT_NAMES, canonical_key
+from cltool.recipe import SHORT_NAMES, STAGE_KINDS, canonical_key
 from cltool.report.load import Loaded, RunRecord
 from cltool.runstate import NEW, STATES
+from cltool.stages import is_stage_metric
 from cltool.track import DONE
 
 DEFAULT_METRICS = ("knn_top1", "linear_top1")
@@ -158,6 +159,7 @@ def build_report(
         _check_metrics(available, metrics)
     else:
         metrics = [m for m in DEFAULT_METRICS if m in available] or list(DEFAULT_METRICS[:1])
+        metrics += stage_columns(available)
     baselines = [b for b in BASELINES if b in available and b not in metrics]
     notes = []
     if group_by:
@@ -199,6 +201,25 @@ def build_report(
     groups.sort(key=lambda g: _sort_key(g, metrics[0]))
     mark_best(groups, metrics[0])
     return Report(loaded.source, keys, metrics, groups, list(loaded.skipped), notes, baselines)
+
+
+def stage_columns(available: set[str]) -> list[str]:
+    """The stages' metrics some run reports, in pipeline order (finetune, linear, supervised,
+    distill), by label fraction within a kind."""
+
+    def order(name: str) -> tuple:
+        kind, _, rest = name.partition("_")
+        percent = rest.partition("pct")[0]
+        return (STAGE_KINDS.index(kind), number(_float(percent)) or 0.0, name)
+
+    return sorted((m for m in available if is_stage_metric(m)), key=order)
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def mark_best(groups: Sequence[Group], metric: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from cltool.errors import CLToolError, InputError
 from cltool.recipe import flatten
 from cltool.runstate import on_slurm, run_state, scheduler_states
+from cltool.stages import stage_metrics
 from cltool.sweep import RECIPES
 from cltool.track import DONE, FAILED, INTERRUPTED, RUNNING, RunDir, find_run_dirs, read_json
 
@@ -161,6 +162,9 @@ def _add_run(
     if summary is None and run_dir.summary_file.exists():
         loaded.skipped.append(f"skipped run {run_dir.path}: summary.json unreadable")
         return
+    stages = stage_metrics(run_dir)
+    if summary is not None and stages:  # its stages' results are columns of the run's row
+        summary = {**summary, **stages}
     state = run_state(run_dir, submission, queue)
     loaded.runs.append(
         RunRecord(run_dir.path.name, config, summary, state.name, run_dir.path, state.reason)
