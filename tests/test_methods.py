@@ -113,9 +113,11 @@ RESUME = [*TINY, "epochs=3", "train.checkpoint_every_steps=3", "eval.baselines=f
 )
 def test_resumed_run_continues_identically(name: str, extra: list[str], tmp_path: Path) -> None:
     reference = run(name, [*RESUME, *extra], tmp_path / "reference")
-    steps = iter(range(1000))
+    # The trainer asks after each of an epoch's 4 steps and at the epoch's end: the 13th ask
+    # (12 from 0) follows step 11, in the third epoch.
+    polls = iter(range(1000))
     with pytest.raises(Interrupted):
-        run(name, [*RESUME, *extra], tmp_path / "stopped", should_stop=lambda: next(steps) == 10)
+        run(name, [*RESUME, *extra], tmp_path / "stopped", should_stop=lambda: next(polls) == 12)
     resumed = run(name, [*RESUME, *extra], tmp_path / "stopped")
     assert resumed.summary["resumed_from_step"] == 11
     assert resumed.summary["knn_top1"] == pytest.approx(reference.summary["knn_top1"], abs=1e-9)
