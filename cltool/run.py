@@ -296,16 +296,8 @@ def _train_main(
             display.message(f"pruned: {pruned[0]}")
             return RunOutcome(run_dir, None, PRUNED)
         status = INTERRUPTED
-        signum = getattr(should_stop, "signum", None) or signal.SIGINT
-        name = signal.Signals(signum).name
         step = trainer.state.global_step
-        if isinstance(err, StopRequested):
-            reason = f"stopped by {name} at step {step}, checkpoint kept"
-        else:
-            reason = f"aborted by a second {name}; the last checkpoint is kept"
-        run_dir.write_state(INTERRUPTED, reason=f"{reason}; run the same command to resume")
-        display.message(f"interrupted: {reason}; run the same command to resume")
-        raise Interrupted(signum) from None
+        raise record_interruption(run_dir, err, should_stop, step, display) from None
     except LockLost:
         raise
     except Exception as err:
@@ -315,6 +307,28 @@ def _train_main(
         display.finish()
         for sink in sinks:
             sink.finish(summary, status)
+
+
+def record_interruption(
+    folder: RunDir,
+    err: BaseException,
+    should_stop: Callable[[], bool],
+    step: int,
+    display: Display,
+) -> Interrupted:
+    """Write a stopped run's (or stage's) ``interrupted`` state and say so; the exception to
+    raise, carrying the signal whose shell exit code the CLI returns."""
+    from cltool.train import StopRequested  # torch: imported once training ran
+
+    signum = getattr(should_stop, "signum", None) or signal.SIGINT
+    name = signal.Signals(signum).name
+    if isinstance(err, StopRequested):
+        reason = f"stopped by {name} at step {step}, checkpoint kept"
+    else:
+        reason = f"aborted by a second {name}; the last checkpoint is kept"
+    folder.write_state(INTERRUPTED, reason=f"{reason}; run the same command to resume")
+    display.message(f"interrupted: {reason}; run the same command to resume")
+    return Interrupted(signum)
 
 
 def _record_failure(run_dir: RunDir, err: Exception) -> None:

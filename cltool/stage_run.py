@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from cltool.errors import CLToolError, InputError
 from cltool.lock import LockLost, RunLock
 from cltool.recipe import Recipe
 from cltool.run import (
-    Interrupted,
     JsonlSink,
     RunOutcome,
     _first_missing,
@@ -31,6 +29,7 @@ from cltool.run import (
     git_commit,
     package_versions,
     prepare_folder,
+    record_interruption,
 )
 from cltool.runstate import run_state
 from cltool.stages import Stage, StageDir
@@ -164,16 +163,9 @@ def _train(
         return RunOutcome(stage_dir, summary, DONE)
     except (StopRequested, KeyboardInterrupt) as err:
         status = INTERRUPTED
-        signum = getattr(should_stop, "signum", None) or signal.SIGINT
-        name = signal.Signals(signum).name
-        reason = (
-            f"stopped by {name} at step {trainer.state.global_step}, checkpoint kept"
-            if isinstance(err, StopRequested)
-            else f"aborted by a second {name}; the last checkpoint is kept"
-        )
-        stage_dir.write_state(INTERRUPTED, reason=f"{reason}; run the same command to resume")
-        display.message(f"interrupted: {reason}; run the same command to resume")
-        raise Interrupted(signum) from None
+        raise record_interruption(
+            stage_dir, err, should_stop, trainer.state.global_step, display
+        ) from None
     except LockLost:
         raise
     except Exception as err:
