@@ -9,7 +9,6 @@ only once a search runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -104,11 +103,7 @@ def run_search(
     folder = search.folder(out)
     options = None
     if executor == "slurm":
-        flags_given = replace(slurm, array_parallelism=array_parallelism)
-        options = SlurmOptions.from_table(search.slurm, str(recipe)).overridden_by(flags_given)
-        options.submitit_parameters("check")  # a bad --time fails here, before anything
-        if not dry_run:
-            launch.require_sbatch()
+        options = launch.array_options(search.slurm, str(recipe), slurm, array_parallelism, dry_run)
     note = monitor_note(search)
     if dry_run:
         console.print(describe_search(search), highlight=False, soft_wrap=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -191,11 +191,7 @@ def sweep_command(
     check_sweep_stages(sweep)
     options = None
     if executor == "slurm":
-        flags = replace(slurm, array_parallelism=array_parallelism)
-        options = SlurmOptions.from_table(sweep.slurm, str(recipe)).overridden_by(flags)
-        options.submitit_parameters("check")  # a bad --time fails here, before anything
-        if not dry_run:
-            launch.require_sbatch()
+        options = launch.array_options(sweep.slurm, str(recipe), slurm, array_parallelism, dry_run)
     plan = launch.make_plan(sweep, out, retry_failed)
     todo = plan.to_submit(sweep)
     folder = sweep.folder(out)

@@ -385,6 +385,24 @@ def require_sbatch() -> None:
         )
 
 
+def array_options(
+    table: dict[str, Any],
+    where: str,
+    flags: SlurmOptions,
+    array_parallelism: int | None,
+    dry_run: bool,
+) -> SlurmOptions:
+    """The job options of a sweep's or a search's array: the recipe's ``[slurm]`` table under the
+    command's flags, checked before anything is written (a bad --time, and no SLURM on this
+    machine unless only the dry run's script is asked for)."""
+    flags = replace(flags, array_parallelism=array_parallelism)
+    options = SlurmOptions.from_table(table, where).overridden_by(flags)
+    options.submitit_parameters("check")
+    if not dry_run:
+        require_sbatch()
+    return options
+
+
 def render_sbatch(folder: Path, job_name: str, options: SlurmOptions, count: int) -> str:
     """The job script submitit would submit from ``folder``: one job, or an array of ``count``
     tasks (for --dry-run)."""

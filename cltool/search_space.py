@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from cltool.errors import RecipeError
 from cltool.recipe import canonical_key, expects_integer, expects_number, flatten, short_key
-from cltool.sweep import parse_param, parse_sweep_table
+from cltool.sweep import parse_param, parse_sweep_table, split_param
 
 if TYPE_CHECKING:
     import optuna
@@ -122,11 +122,7 @@ def _categorical(key: str, values: Sequence[Any], where: str) -> SearchParam:
 
 def parse_search_param(text: str) -> SearchParam:
     """One ``--param`` of a search: a range (``A..B``, ``A..B:log``) or choices."""
-    where = f"--param {text}"
-    key, sep, rest = text.partition("=")
-    if not sep or not key.strip() or not rest.strip():
-        raise RecipeError(f"{where}: expected KEY=A..B, KEY=A..B:log or KEY=V1,V2,...")
-    key = canonical_key(key.strip(), where)
+    key, rest, where = split_param(text, "KEY=A..B, KEY=A..B:log or KEY=V1,V2,...")
     if _DISTRIBUTION.match(rest.strip()):
         return _parse_range(key, rest, where)
     dim = parse_param(text)

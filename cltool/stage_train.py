@@ -16,11 +16,11 @@ shape (its backbone and width as asked) from a random initialisation.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,17 +28,18 @@ import torch
 from torch import nn
 
 from cltool.augment import TwoViewAugment, normalize
+from cltool.checkpoint import Resumable, Stateful, read_checkpoint
 from cltool.data import ImageSet, load_dataset
 from cltool.device import resolve_device
 from cltool.display import Display
-from cltool.errors import CLToolError, InputError
+from cltool.errors import InputError
 from cltool.labels import check_fraction, labelled_subset
 from cltool.losses import classification_loss, distillation_loss
 from cltool.methods import build_method
 from cltool.methods.parts import build_encoder, evaluation_network
 from cltool.recipe import AugmentConfig, Recipe
 from cltool.stages import Stage, StageDir
-from cltool.track import RunDir, atomic_write_bytes
+from cltool.track import RunDir
 from cltool.train import StopRequested, batches_of_epoch, step_seed
 
 
@@ -54,19 +55,18 @@ def classifier(encoder: nn.Module, start_layer: int, num_classes: int) -> nn.Seq
 def load_encoder(recipe: Recipe, run_dir: RunDir, data: ImageSet) -> nn.Module:
     """The query encoder of a finished run, from its checkpoint, on the CPU."""
     method = build_method(recipe, data.channels, len(data.train_x), data.num_classes)
-    blob = _read_checkpoint(run_dir)
+    blob = finished_checkpoint(run_dir)
     method.load_state_dict(blob["method"])
     return method.query_encoder
 
 
-def _read_checkpoint(run_dir: RunDir) -> dict[str, Any]:
-    try:
-        return torch.load(run_dir.checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise InputError(
-            f"{run_dir.checkpoint}: unreadable checkpoint ({err.__class__.__name__}); rerun "
-            f"the run with --force"
-        ) from None
+def finished_checkpoint(folder: RunDir | StageDir) -> dict[str, Any]:
+    """The checkpoint of a finished run or stage, which every finished one has."""
+    fix = "rerun the run with --force"
+    blob = read_checkpoint(folder.checkpoint, fix=fix, error=InputError)
+    if blob is None:
+        raise InputError(f"{folder.checkpoint}: no checkpoint; {fix}")
+    return blob
 
 
 def finetune_augment(recipe: Recipe) -> AugmentConfig:
@@ -93,7 +93,7 @@ class StageState:
     resumed_from_step: int | None = None
 
 
-class StageTrainer:
+class StageTrainer(Resumable):
     """One stage from its parent's checkpoint to its test top-1."""
 
     def __init__(
@@ -152,7 +152,7 @@ class StageTrainer:
         encoder = build_encoder(recipe.model, self.data.channels)
         teacher = classifier(encoder, teacher_layer, classes)
         teacher_dir = teacher_stage.folder(run_dir)
-        teacher.load_state_dict(_read_checkpoint(teacher_dir)["net"])
+        teacher.load_state_dict(finished_checkpoint(teacher_dir)["net"])
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_top1 = (teacher_dir.summary() or {}).get("top1")
         student_model = dataclasses.replace(
@@ -301,35 +301,21 @@ class StageTrainer:
     def elapsed(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
 
+    counters = StageState
+    unreadable_fix = "rerun with --force to start the stage over"
+
     def checkpoint(self) -> None:
         self.state.wall_s = self.elapsed()
-        blob = {
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "state": vars(self.state),
-            "stage_id": self.stage.stage_id,
-        }
-        buffer = io.BytesIO()
-        torch.save(blob, buffer)
-        atomic_write_bytes(self.stage_dir.checkpoint, buffer.getvalue())
+        self.write_training_checkpoint()
 
-    def load_checkpoint(self) -> bool:
-        if not self.stage_dir.checkpoint.exists():
-            return False
-        try:
-            blob = torch.load(
-                self.stage_dir.checkpoint, map_location=self.device, weights_only=False
-            )
-        except Exception as err:
-            raise CLToolError(
-                f"{self.stage_dir.checkpoint}: unreadable checkpoint ({err.__class__.__name__}); "
-                "rerun with --force to start the stage over"
-            ) from None
-        self.net.load_state_dict(blob["net"])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.state = StageState(**blob["state"])
-        self.state.resumed_from_step = self.state.global_step
-        return True
+    def checkpoint_file(self) -> Path:
+        return self.stage_dir.checkpoint
+
+    def saved_parts(self) -> dict[str, Stateful]:
+        return {"net": self.net, "optimizer": self.optimizer}
+
+    def identity(self) -> dict[str, Any]:
+        return {"stage_id": self.stage.stage_id}
 
 
 def labelled_positions(

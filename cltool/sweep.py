@@ -215,13 +215,19 @@ def _expand(key: str, text: str, where: str) -> list[Any] | None:
     return expanded
 
 
-def parse_param(text: str) -> Dimension:
-    """``KEY=V1,V2,...`` (values or ranges) as one dimension."""
+def split_param(text: str, usage: str) -> tuple[str, str, str]:
+    """``KEY=VALUES`` of one ``--param``: the key (short names made full), the values' text and
+    the flag as messages name it; ``usage`` is shown when the shape is wrong."""
     where = f"--param {text}"
     key, sep, rest = text.partition("=")
     if not sep or not key.strip() or not rest.strip():
-        raise RecipeError(f"{where}: expected KEY=V1,V2,... e.g. --param m=0.9,0.99")
-    key = canonical_key(key.strip(), where)
+        raise RecipeError(f"{where}: expected {usage}")
+    return canonical_key(key.strip(), where), rest, where
+
+
+def parse_param(text: str) -> Dimension:
+    """``KEY=V1,V2,...`` (values or ranges) as one dimension."""
+    key, rest, where = split_param(text, "KEY=V1,V2,... e.g. --param m=0.9,0.99")
     values: list[Any] = []
     for item in split_top(rest, ","):
         if not item:

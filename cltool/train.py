@@ -8,17 +8,18 @@ run that was never interrupted (to float round-off on the same machine).
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cltool import diagnostics, dist, evaluate
 from cltool.augment import TwoViewAugment, normalize
+from cltool.checkpoint import Resumable, Stateful
 from cltool.data import ImageSet, load_dataset
 from cltool.device import (
     check_compile,
@@ -28,10 +29,9 @@ from cltool.device import (
     resolve_device,
 )
 from cltool.display import Display
-from cltool.errors import CLToolError
 from cltool.methods import Progress, build_method
 from cltool.recipe import Recipe, check_world_size
-from cltool.track import RunDir, atomic_write_bytes
+from cltool.track import RunDir
 
 
 class StopRequested(Exception):
@@ -159,7 +159,7 @@ def clipping_warnings(recipe: Recipe, effective: dict[str, int]) -> list[str]:
 
 
 @dataclass
-class Trainer:
+class Trainer(Resumable):
     recipe: Recipe
     run_dir: RunDir
     display: Display
@@ -219,36 +219,22 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    counters = TrainState
+    unreadable_fix = "rerun with --force to start the run over"
+
     def save_checkpoint(self) -> None:
         """Rank 0 writes; the other ranks hold the same state."""
-        if self.rank != 0:
-            return
-        blob = {
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "state": vars(self.state),
-            "fingerprint": self.recipe.fingerprint,
-        }
-        buffer = io.BytesIO()
-        torch.save(blob, buffer)
-        atomic_write_bytes(self.run_dir.checkpoint, buffer.getvalue())
+        if self.rank == 0:
+            self.write_training_checkpoint()
 
-    def load_checkpoint(self) -> bool:
-        """Restore from the run's checkpoint; False when there is none to resume from."""
-        if not self.run_dir.checkpoint.exists():
-            return False
-        try:
-            blob = torch.load(self.run_dir.checkpoint, map_location=self.device, weights_only=False)
-        except Exception as err:  # a checkpoint we cannot read is a user-level problem
-            raise CLToolError(
-                f"{self.run_dir.checkpoint}: unreadable checkpoint ({err.__class__.__name__}); "
-                "rerun with --force to start the run over"
-            ) from None
-        self.method.load_state_dict(blob["method"])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.state = TrainState(**blob["state"])
-        self.state.resumed_from_step = self.state.global_step
-        return True
+    def checkpoint_file(self) -> Path:
+        return self.run_dir.checkpoint
+
+    def saved_parts(self) -> dict[str, Stateful]:
+        return {"method": self.method, "optimizer": self.optimizer}
+
+    def identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.recipe.fingerprint}
 
     # -- evaluation ----------------------------------------------------------------------------
 

@@ -9,11 +9,26 @@ import sys
 import time
 from pathlib import Path
 
+import click.testing
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from cltool.lock import HEARTBEAT_S, Holder
 from cltool.track import RunDir, atomic_write_json
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> click.testing.Result:
+    """``cl ARGS`` in this process (Typer's runner: stdout and stderr kept apart)."""
+    from cltool.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """``--set`` flags for each override."""
+    return [a for s in overrides for a in ("--set", s)]
+
 
 ROOT = Path(__file__).resolve().parents[1]
 MOCO = ROOT / "recipes" / "moco.toml"

@@ -7,11 +7,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-import click
 import pytest
 import typer
-from helpers import MOCO, run_cl
-from typer.testing import CliRunner
+from helpers import MOCO, invoke, run_cl
 
 from cltool.cli import app
 from cltool.cli_common import SLURM_FLAGS
@@ -26,11 +24,6 @@ def cl(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return run_cl(*args, cwd=cwd, timeout=120, env=env)
-
-
-def invoke(*args: str | Path, env: dict[str, str] | None = None) -> click.testing.Result:
-    """``cl ARGS`` in this process (Typer's runner: stdout and stderr kept apart)."""
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
 def test_version_and_help(tmp_path: Path) -> None:

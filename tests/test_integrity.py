@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MOCO, TINY, hold, run_cl, start_cl
+from helpers import MOCO, TINY, hold, run_cl, sets, start_cl
 from typer.testing import CliRunner
 
 from cltool.cli import app
@@ -31,10 +31,6 @@ from cltool.track import DONE, FAILED, INTERRUPTED, RunDir, atomic_write_json
 
 #: Long enough (several seconds on two cores) for a second process or a signal to meet it.
 LONG = [*TINY, "train.epochs=8", "data.num_train=512", "train.log_every_steps=1"]
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for s in overrides for a in ("--set", s)]
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
@@ -73,7 +69,7 @@ def test_two_processes_on_one_run_train_it_once(tmp_path: Path, reference: RunDi
     args = ["run", str(MOCO), "--quiet", *sets(LONG), "--out", str(tmp_path)]
     first = start_cl(*args, cwd=tmp_path)
     run_dir = RunDir.for_run(tmp_path, "moco", reference.path.name)
-    wait_for(run_dir.metrics)
+    wait_for(run_dir.lock_file)  # held from before the data set is built
     second = run_cl(*args, cwd=tmp_path)
     assert second.returncode == 2, second.stderr
     (line,) = second.stderr.strip().splitlines()

@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
-from helpers import MOCO, TINY, start_cl
+from helpers import MOCO, TINY, invoke, sets, start_cl
 from typer.testing import CliRunner
 
-from cltool.cli_sweep import register
 from cltool.lock import RunLock
 from cltool.runstate import PRUNED, run_state
 from cltool.search import (
@@ -41,16 +39,6 @@ SHORT = [
     "data.num_train=128",
 ]
 SPACE = ["--param", "lr=1e-3..1e-1:log", "--param", "T=0.05..0.5"]
-
-
-def invoke(*args: object):
-    app = typer.Typer()
-    register(app)
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for s in overrides for a in ("--set", s)]
 
 
 def search_args(out: Path, trials: int, *extra: object) -> list[str]:

@@ -24,12 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import typer
-from helpers import MOCO
+from helpers import MOCO, invoke, sets
 from helpers import TINY as BASE_TINY
-from typer.testing import CliRunner
 
-from cltool.cli_sweep import register
 from cltool.recipe import load_recipe
 from cltool.run import run_recipe
 from cltool.status import settled, sweep_status
@@ -81,16 +78,6 @@ PREEMPTIBLE = [
     "train.checkpoint_every_steps=5",
 ]
 SLURM = ["--executor", "slurm", "--cpus-per-task", "1", "--time", "1:00:00"]
-
-
-def invoke(*args: object):
-    app = typer.Typer()
-    register(app)
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for s in overrides for a in ("--set", s)]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -267,11 +254,10 @@ def test_two_overlapping_sweeps_train_their_shared_run_once(
 
 def test_one_run_on_two_tasks_of_the_node_trains_to_the_end(tmp_path: Path) -> None:
     """``cl run --executor slurm``: one job, two tasks (ranks), gloo on the node's CPUs."""
-    from cltool.cli import app
-
     recipe = load_recipe(MOCO, TINY)
-    args = ["run", MOCO, "--executor", "slurm", "--nproc", 2, "--out", tmp_path, *sets(TINY)]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke(
+        "run", MOCO, "--executor", "slurm", "--nproc", 2, "--out", tmp_path, *sets(TINY)
+    )
     assert result.exit_code == 0, result.output
     job_id = result.output.split("submitted job ")[1].split(":")[0]
     run_dir = RunDir.for_run(tmp_path, "moco", recipe.fingerprint)
@@ -364,12 +350,10 @@ def test_a_preempted_search_worker_is_requeued_and_resumes_its_trial(tmp_path: P
 def test_cl_run_on_slurm_submits_its_stages_after_its_job(tmp_path: Path) -> None:
     """``cl run --executor slurm`` of a recipe with stages: the run's job, then a stages job
     held by ``afterok`` on it; both end done."""
-    from cltool.cli import app
     from cltool.stages import stage_dirs
 
     stages = ['stages.run=["finetune"]', "stages.fractions=[0.1]", "finetune.epochs=2"]
-    args = ["run", MOCO, *SLURM, "--out", tmp_path, *sets([*TINY, *stages])]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke("run", MOCO, *SLURM, "--out", tmp_path, *sets([*TINY, *stages]))
     assert result.exit_code == 0, result.output
     job_id = result.output.split("submitted job ")[1].split(":")[0]
     stages_job = result.output.split("submitted job ")[2].split(":")[0]

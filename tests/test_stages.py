@@ -16,14 +16,11 @@ import signal
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, run_cl, start_cl
-from typer.testing import CliRunner
+from helpers import ROOT, TINY, invoke, run_cl, start_cl
 
-from cltool.cli import app
 from cltool.labels import class_counts, labelled_subset, minimum_fraction
 from cltool.losses import classification_loss, distillation_loss
 from cltool.recipe import load_recipe
@@ -38,10 +35,6 @@ SIMCLR_V2 = ROOT / "recipes" / "simclr_v2.toml"
 #: A parent of a few seconds, and stages of a few seconds more.
 PARENT = [*TINY, "data.num_train=500", "data.num_test=200", "stages.fractions=[0.05, 0.1]"]
 STAGES = ["finetune.epochs=3", "distill.epochs=1", "distill.batch_size=128"]
-
-
-def invoke(*args: str | Path) -> click.testing.Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
-from helpers import MOCO, TINY, hold
-from typer.testing import CliRunner
+from helpers import MOCO, TINY, hold, invoke, sets
 
-from cltool.cli_report import register as register_report
-from cltool.cli_sweep import register
 from cltool.errors import RecipeError
 from cltool.launch import WILL_SUBMIT, make_plan
 from cltool.recipe import load_recipe
@@ -31,22 +27,6 @@ from cltool.sweep import (
     write_sweep,
 )
 from cltool.track import DONE, FAILED, RUNNING, RunDir, atomic_write_json
-
-
-def cli() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    register_report(app)
-    return app
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli(), [str(a) for a in args])
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for s in overrides for a in ("--set", s)]
-
 
 # -- compiling ----------------------------------------------------------------------------------
 
