@@ -299,7 +299,7 @@ class FinetuneConfig(StageOptimConfig):
 
 @dataclass(frozen=True)
 class DistillConfig(StageOptimConfig):
-    epochs: int = knob(10, AT_LEAST_1, "passes over all training images")
+    epochs: int = knob(30, AT_LEAST_1, "passes over all training images")
     batch_size: int = knob(256, Bound(2), "images per step")
     lr: float = knob(0.1, POSITIVE, "learning rate, cosine-decayed to 0")
     fraction: float = knob(
