@@ -70,6 +70,7 @@ class Setting:
     backbone: str = "resnet18"
     batch: int = 128
     image_size: int = 32
+    small_stem: bool = True  # the CIFAR stem; ImageNet's (stride-2 conv, max-pool) when False
     head_hidden: int = 2048
     dim: int = 128
     device: str = "cpu"
@@ -81,7 +82,7 @@ class Setting:
         """``--set`` items that put a recipe in this setting, leaving its method slots alone."""
         return [
             f"model.backbone={self.backbone}",
-            "model.small_stem=true",
+            f"model.small_stem={str(self.small_stem).lower()}",
             "model.head=mlp",
             f"model.head_hidden={self.head_hidden}",
             f"model.dim={self.dim}",
@@ -93,6 +94,13 @@ class Setting:
             "mixing.start_epoch=0",
             *self.extra,
         ]
+
+
+def small_stem(image_size: int) -> bool:
+    """The CIFAR stem for small images; above 64 px ImageNet's, whose stride-2 conv and max-pool
+    cut activations 16-fold (the CIFAR stem on a 224 px ResNet-50 at batch 128 does not fit in
+    an H200's 140 GB: ``benchmarks/gpu.sh``'s first run showed it)."""
+    return image_size <= 64
 
 
 def method_slot_overrides(method: str) -> list[str]:
@@ -731,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone=args.backbone,
         batch=args.batch,
         image_size=args.image_size,
+        small_stem=small_stem(args.image_size),
         device=args.device,
         num_train=max(args.num_train, args.batch),
         extra=tuple(args.set),

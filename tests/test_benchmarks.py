@@ -51,6 +51,19 @@ def test_step_bench_times_a_pass_per_view_with_set() -> None:
     assert "encoder:8+ encoder:8+" in out, out
 
 
+def test_throughput_prints_images_per_second_of_each_variant() -> None:
+    out = run_script(
+        "throughput.py",
+        *("--device", "cpu", "--backbone", "small_cnn", "--batch", "8", "--num-train", "64"),
+        *("--recipes", "moco", "--variants", "fp32", "bf16_cl"),
+        *("--warmup", "1", "--steps", "1", "--repeats", "1"),
+    )
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| moco |")]
+    assert [row[1] for row in rows] == ["fp32", "bf16_cl"], out
+    assert rows[0][3] == "1.00x" and RATIO.fullmatch(rows[1][3]), out
+    assert all(float(row[2].replace(",", "")) > 0 for row in rows), out
+
+
 def test_data_bench_prints_augmentation_ratios() -> None:
     out = run_script("data_bench.py", "--batch", "8", "--backbone", "small_cnn", "--repeats", "1")
     assert "torchvision / project" in out

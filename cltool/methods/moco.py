@@ -137,11 +137,12 @@ class MoCo(Method):
             negative_sim = off_diagonal / (len(q) * (len(q) - 1))
         else:
             negatives = self.queue.negatives()  # [K, dim]; the batch's own keys at the first step
+            indices = indices.to(q.device)  # the queue's ids live with its keys
             own_keys = None
             if len(negatives) == 0:
                 negatives = k.detach()
             elif self.recipe.dictionary.exclude_own_keys:
-                own_keys = self.queue.stale_key_mask(indices.to(q.device))  # [B, K]
+                own_keys = self.queue.stale_key_mask(indices)  # [B, K]
             synthetic = self.synthetic_negatives(q, negatives, progress)
             loss = info_nce(q, k, negatives, self.T, synthetic, own_keys)
             negative_sim = (q.detach() @ negatives.T).mean()
