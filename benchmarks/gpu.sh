@@ -26,6 +26,21 @@ LOG="$OUT/log.txt"
 
 part() { echo -e "\n# $1 ($(date -u +%T))" | tee -a "$LOG"; }
 
+# summaries ROOT GLOB JSON KEY...: every summary.json under ROOT matching GLOB into one JSON
+# file (keyed by its folder below ROOT), and a line each with the KEYs.
+summaries() {
+    "$PY" - "$@" <<'EOF' | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+root, pattern, out, *keys = sys.argv[1:]
+found = {str(p.parent.relative_to(root)): json.loads(p.read_text())
+         for p in sorted(Path(root).glob(pattern))}
+Path(out).write_text(json.dumps(found, indent=1))
+for name, summary in found.items():
+    print(name, {key: summary.get(key) for key in keys})
+EOF
+}
+
 part "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
@@ -52,26 +67,10 @@ timeout 50 "$PY" -m cltool run recipes/moco.toml --set train.device=cuda --out "
     2>&1 | tail -n 25 | tee -a "$LOG"
 timeout 100 "$PY" -m cltool run recipes/moco.toml --set train.device=cuda "${resnet18[@]}" "${fast[@]}" \
     --out "$RUNS/resnet18_fast" --force 2>&1 | tail -n 25 | tee -a "$LOG"
-"$PY" - "$RUNS" "$OUT/runs.json" <<'EOF'
-import json, sys
-from pathlib import Path
-runs = {p.relative_to(sys.argv[1]).parts[0]: json.loads(p.read_text())
-        for p in Path(sys.argv[1]).rglob("summary.json")}
-Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
-for name, s in runs.items():
-    print(name, {k: s.get(k) for k in ("imgs_per_s", "wall_s", "knn_top1", "linear_top1")})
-EOF
+summaries "$RUNS" '*/*/*/summary.json' "$OUT/runs.json" imgs_per_s wall_s knn_top1 linear_top1
 part "5. cl eval on the GPU: the stages of the default run"
 default_run=$(dirname "$(find "$RUNS/default" -name summary.json | head -1)")
 timeout 90 "$PY" -m cltool eval "$default_run" --finetune 0.01,0.1 --linear --supervised \
     --distill 2>&1 | tail -n 30 | tee -a "$LOG"
-"$PY" - "$default_run" "$OUT/stages.json" <<'EOF'
-import json, sys
-from pathlib import Path
-stages = {p.parent.name: json.loads(p.read_text())
-          for p in Path(sys.argv[1]).glob("stages/*/summary.json")}
-Path(sys.argv[2]).write_text(json.dumps(stages, indent=1))
-for name, s in stages.items():
-    print(name, {k: s.get(k) for k in ("top1", "wall_s", "imgs_per_s", "device")})
-EOF
+summaries "$default_run" 'stages/*/summary.json' "$OUT/stages.json" top1 wall_s imgs_per_s device
 part "done"

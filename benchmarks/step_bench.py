@@ -702,18 +702,38 @@ def environment(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setting_arguments(parser: argparse.ArgumentParser, batch: int, num_train: int) -> None:
+    """The arguments that shape a step benchmark (read back by :func:`setting_from`)."""
     parser.add_argument(
         "--backbone", default="resnet18", choices=("small_cnn", "resnet18", "resnet50")
     )
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-train", type=int, default=num_train, help="synthetic data set size")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def setting_from(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> Setting:
+    """The :class:`Setting` of :func:`add_setting_arguments`' arguments; sets torch's threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Setting(
+        backbone=args.backbone,
+        batch=args.batch,
+        image_size=args.image_size,
+        small_stem=small_stem(args.image_size),
+        device=args.device,
+        num_train=max(args.num_train, args.batch),
+        extra=extra,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setting_arguments(parser, batch=128, num_train=50_000)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
     parser.add_argument("--methods", nargs="*", help="recipe stems or method names (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num-train", type=int, default=50_000, help="synthetic data set size")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument(
         "--all-recipes", action="store_true", help="every recipe file, not one per method"
     )
@@ -733,17 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    setting = Setting(
-        backbone=args.backbone,
-        batch=args.batch,
-        image_size=args.image_size,
-        small_stem=small_stem(args.image_size),
-        device=args.device,
-        num_train=max(args.num_train, args.batch),
-        extra=tuple(args.set),
-    )
+    setting = setting_from(args, extra=tuple(args.set))
     env = environment(args, setting)
     recipes, notes = discover(setting, args.methods, args.all_recipes)
     with_lightly = not args.no_lightly and lightly_available()

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from step_bench import (
     Batches,
-    Setting,
+    add_setting_arguments,
     build_trainer,
     environment,
     project_step,
-    small_stem,
+    setting_from,
     synchronizer,
     synthetic_data,
 )
@@ -82,32 +82,15 @@ def run_steps(step: Callable[[], None], count: int, sync: Callable[[], None]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--backbone", default="resnet18", choices=("small_cnn", "resnet18", "resnet50")
-    )
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=256)
+    add_setting_arguments(parser, batch=256, num_train=4096)
     parser.add_argument("--recipes", nargs="+", default=["moco", "simclr"], help="recipe stems")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num-train", type=int, default=4096, help="synthetic data set size")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    setting = Setting(
-        backbone=args.backbone,
-        batch=args.batch,
-        image_size=args.image_size,
-        small_stem=small_stem(args.image_size),
-        device=args.device,
-        num_train=max(args.num_train, args.batch),
-    )
+    setting = setting_from(args)
     device = torch.device(args.device)
     sync = synchronizer(device)
     data = synthetic_data(setting)
