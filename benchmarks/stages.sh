@@ -13,7 +13,8 @@
 # Run it from the repository on an idle machine (every number is a wall time or depends on the
 # thread count): about an hour on a 2-core CPU for the embedded glyphs. DATASETS="glyphs digits"
 # adds scikit-learn's digits (shipped offline); PIPELINE=0 leaves out the pipeline's wall time
-# (for runs on a machine that is not idle). Results go to $OUT (default runs/stages-bench);
+# (for runs on a machine that is not idle); SET="KEY=VALUE ..." adds overrides to every sweep
+# (for a data set the recipes' augmentation does not suit). Results go to $OUT (default runs/stages-bench);
 # the markdown tables are printed and written to $OUT/results.md. Rerunning resumes: finished
 # runs and stages are not trained again.
 set -euo pipefail
@@ -24,6 +25,7 @@ OUT=${OUT:-runs/stages-bench}
 SEEDS=${SEEDS:-3}
 DATASETS=${DATASETS:-glyphs}
 PIPELINE=${PIPELINE:-1}
+read -ra overrides <<<"${SET:-}"
 RESULTS="$OUT/results.md"
 mkdir -p "$OUT"
 : >"$RESULTS"
@@ -65,6 +67,7 @@ EOF
 
 for dataset in $DATASETS; do
     data=(--set "data.dataset=\"$dataset\"")
+    for item in "${overrides[@]}"; do data+=(--set "$item"); done
     out="$OUT/$dataset"
     say "## $dataset"
     for recipe in simclr_v2 moco supcon; do

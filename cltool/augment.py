@@ -9,10 +9,13 @@ Gaussian blur, normalisation and noise.
 Every random number comes from the caller's CPU ``torch.Generator`` (parameters are drawn on
 the CPU, then moved to the images' device), so the same generator state gives bit-identical
 views on a given device: the trainer seeds it per step and a resumed run sees the same views.
+On a GPU they travel through pinned memory without blocking: a plain copy from pageable memory
+waits for every kernel queued before it, and a view makes several.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,7 +78,7 @@ class TwoViewAugment:
         x = _standardize(x.clamp(0, 1), self.mean, self.std)
         if self.cfg.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator) * self.cfg.noise_std
-            x = x + noise.to(x.device)
+            x = x + _to_device(noise, x.device)
         return x
 
     # ----------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ class TwoViewAugment:
         Composing them into a single matrix means one bilinear interpolation per view, so the
         stages do not blur each other, and the whole batch warps in one ``grid_sample``.
         """
-        theta = self._affine(x.shape[0], generator).to(x.device)
+        theta = _to_device(self._affine(x.shape[0], generator), x.device)
         size = (x.shape[0], x.shape[1], self.image_size, self.image_size)
         grid = F.affine_grid(theta, list(size), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -134,7 +137,7 @@ class TwoViewAugment:
         )
         if not apply.any():
             return x
-        factors = torch.where(apply[:, None], factors, 1.0).to(x.device)
+        factors = _to_device(torch.where(apply[:, None], factors, 1.0), x.device)
         brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in factors.unbind(1))
         x = (x * brightness).clamp(0, 1)
         mean_gray = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
@@ -149,7 +152,7 @@ class TwoViewAugment:
         apply = torch.rand(x.shape[0], generator=generator) < self.cfg.grayscale_p
         if x.shape[1] != 3 or not apply.any():
             return x
-        return torch.where(apply.to(x.device).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        return torch.where(_to_device(apply, x.device).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
     def _blur(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Separable Gaussian blur with a per-sample sigma, as two grouped convolutions.
@@ -169,7 +172,7 @@ class TwoViewAugment:
         kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
         kernel = kernel / kernel.sum(1, keepdim=True)
         delta = (offsets == 0).float().expand_as(kernel)
-        kernel = torch.where(apply[:, None], kernel, delta).to(x.device, x.dtype)
+        kernel = _to_device(torch.where(apply[:, None], kernel, delta).to(x.dtype), x.device)
         kernel = kernel.repeat_interleave(channels, 0)  # [B * C, k], one per plane
         planes = x.reshape(1, batch * channels, height, width)
         planes = F.pad(planes, (radius, radius, radius, radius), mode="reflect")
@@ -182,5 +185,18 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma of ``[B, C, H, W]`` as ``[B, 1, H, W]``; a 1-channel image is its own luma."""
     if x.shape[1] != 3:
         return x.mean(dim=1, keepdim=True)
-    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * _luma_weights(x.device, x.dtype)).sum(dim=1, keepdim=True)
+
+
+@functools.cache
+def _luma_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:data:`LUMA` as ``[1, 3, 1, 1]``, made once per device and dtype."""
+    return torch.tensor(LUMA, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor of parameters on ``device``; on a GPU through pinned memory, asynchronously
+    (the caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -79,7 +79,43 @@ def _ring_write(buffers: list[Tensor], ptr: Tensor, filled: Tensor, values: list
     filled.copy_((filled + kept).clamp_(max=capacity))
 
 
-class KeyQueue(nn.Module):
+class _Ring(nn.Module):
+    """The bookkeeping of a ring buffer: the write pointer and the number of filled slots.
+
+    Both are buffers (saved in checkpoints, moved with the module), and ``filled`` is also kept
+    as a Python int, updated by every write from the row count the host already knows: reading
+    the buffer on the hot path would make the host wait for the GPU at every step. A loaded
+    state dict resets that copy; it is read again from the buffer when next needed.
+    """
+
+    ptr: Tensor
+    filled: Tensor
+
+    def __init__(self, filled: int) -> None:
+        super().__init__()
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.tensor(filled, dtype=torch.long))
+        self._filled_host: int | None = filled
+        self.register_load_state_dict_post_hook(_forget_filled)
+
+    @torch.no_grad()
+    def _write(self, buffers: list[Tensor], values: list[Tensor]) -> None:
+        _ring_write(buffers, self.ptr, self.filled, values)
+        if self._filled_host is not None:
+            self._filled_host = min(self._filled_host + values[0].shape[0], buffers[0].shape[0])
+
+    def filled_count(self) -> int:
+        """How many slots hold entries, without a device read once known."""
+        if self._filled_host is None:
+            self._filled_host = int(self.filled)
+        return self._filled_host
+
+
+def _forget_filled(module: nn.Module, _incompatible_keys: object) -> None:
+    module._filled_host = None
+
+
+class KeyQueue(_Ring):
     """MoCo's dictionary: a FIFO queue of the last K keys (He et al. 2020, §3.2).
 
     A preallocated ring buffer: enqueueing overwrites the oldest slots in place, so a step costs
@@ -93,32 +129,28 @@ class KeyQueue(nn.Module):
 
     keys: Tensor
     ids: Tensor
-    ptr: Tensor
-    filled: Tensor
 
     def __init__(self, K: int, dim: int, start_full: bool = True) -> None:
-        super().__init__()
         if K < 1:
             raise ValueError(f"queue size K must be at least 1, got {K}")
+        super().__init__(filled=K if start_full else 0)
         self.register_buffer("keys", _random_unit(K, dim) if start_full else torch.zeros(K, dim))
         self.register_buffer("ids", torch.full((K,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.tensor(K if start_full else 0, dtype=torch.long))
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, ids: Tensor | None = None) -> None:
         """Push ``keys`` [B, dim] (and their sample ``ids`` [B]) and drop the oldest; any B."""
         if ids is None:
             ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
-        _ring_write([self.keys, self.ids], self.ptr, self.filled, [keys.detach(), ids])
+        self._write([self.keys, self.ids], [keys.detach(), ids])
 
     def negatives(self) -> Tensor:
         """The valid keys [K_valid, dim]: all K once full, the filled slots before."""
-        return self.keys[: int(self.filled)]
+        return self.keys[: self.filled_count()]
 
     def negative_ids(self) -> Tensor:
         """Sample ids [K_valid] of :meth:`negatives`, -1 where unknown."""
-        return self.ids[: int(self.filled)]
+        return self.ids[: self.filled_count()]
 
     def stale_key_mask(self, ids: Tensor) -> Tensor:
         """[N, K_valid] bool, True where a negative is an old key of query sample ``ids`` [N].
@@ -130,7 +162,7 @@ class KeyQueue(nn.Module):
         return (ids[:, None] == queue_ids[None, :]) & (queue_ids >= 0)[None, :]
 
 
-class CrossBatchMemory(nn.Module):
+class CrossBatchMemory(_Ring):
     """XBM's FIFO of past embeddings with their labels (Wang et al. 2020).
 
     Embeddings drift slowly once the model has warmed up, so those of recent iterations serve as
@@ -139,28 +171,22 @@ class CrossBatchMemory(nn.Module):
 
     embeddings: Tensor
     labels: Tensor
-    ptr: Tensor
-    filled: Tensor
 
     def __init__(self, size: int, dim: int) -> None:
-        super().__init__()
         if size < 1:
             raise ValueError(f"memory size must be at least 1, got {size}")
+        super().__init__(filled=0)
         self.register_buffer("embeddings", torch.zeros(size, dim))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def enqueue(self, embeddings: Tensor, labels: Tensor) -> None:
         """Push ``embeddings`` [B, dim] with ``labels`` [B], dropping the oldest; any B."""
-        _ring_write(
-            [self.embeddings, self.labels], self.ptr, self.filled, [embeddings.detach(), labels]
-        )
+        self._write([self.embeddings, self.labels], [embeddings.detach(), labels])
 
     def contents(self) -> tuple[Tensor, Tensor]:
         """(embeddings [M, dim], labels [M]) of the filled slots; M = 0 when empty."""
-        filled = int(self.filled)
+        filled = self.filled_count()
         return self.embeddings[:filled], self.labels[:filled]
 
 
