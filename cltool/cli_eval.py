@@ -124,7 +124,7 @@ def train_stages(
     from cltool.run import Interrupted
     from cltool.signals import exit_code
     from cltool.stage_run import run_stages
-    from cltool.stages import plan_stages
+    from cltool.stages import column_clashes, plan_stages
 
     done: list[tuple[Stage, RunOutcome]] = []
 
@@ -134,9 +134,13 @@ def train_stages(
             top1 = (outcome.summary or {}).get("top1")
             console.print(f"stage {stage.label}: top-1 {top1:.2f} %", highlight=False)
 
+    stages = plan_stages(recipe, kinds)
+    if not quiet:
+        for line in column_clashes(stages, run_dir):
+            console.print(line, highlight=False, soft_wrap=True)
     try:
         run_stages(
-            plan_stages(recipe, kinds),
+            stages,
             recipe,
             run_dir,
             force=force,

@@ -204,6 +204,26 @@ def stage_dirs(run_dir: RunDir) -> list[StageDir]:
     return sorted(found, key=lambda d: d.config.stat().st_mtime)
 
 
+def column_clashes(stages: list[Stage], run_dir: RunDir) -> list[str]:
+    """A line for each of ``stages`` whose report column a stage of the run with other settings
+    already has: only ablation settings name a column, so ``cl report`` would show just the one
+    trained last (each keeps its own folder and ``summary.json``)."""
+    holders: dict[str, list[str]] = {}
+    for folder in stage_dirs(run_dir):
+        spec = folder.spec() or {}
+        holders.setdefault(str(spec.get("column")), []).append(str(spec.get("stage_id")))
+    lines = []
+    for stage in stages:
+        others = [sid for sid in holders.get(stage.column, []) if sid != stage.stage_id]
+        if others:
+            lines.append(
+                f"note: {stage.label} shares the report column {stage.column} with stage "
+                f"{', '.join(others)} of this run (other settings): cl report shows the one "
+                "trained last; each stage's summary.json keeps its own top-1"
+            )
+    return lines
+
+
 def stage_metrics(run_dir: RunDir) -> dict[str, float]:
     """The top-1 of each finished stage of a run under its report column
     (``finetune_1pct_top1``, ...), the latest stage where two share a column."""

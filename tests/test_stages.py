@@ -168,6 +168,20 @@ def test_cl_eval_trains_each_stage_once_and_report_shows_them(
     assert stats["distill_top1"].mean == summaries["distill_top1"]["top1"]
 
 
+def test_cl_eval_says_when_a_stage_shares_a_report_column(parent: RunDir, tmp_path: Path) -> None:
+    """A stage key that is not an ablation (here the learning rate) is not in the column name:
+    ``cl eval`` says the new stage shares the column, and both stages keep their folders."""
+    run = fresh_copy(parent, tmp_path / "run")
+    sets = ["--set", "finetune.epochs=1"]
+    first = invoke("eval", run.path, "--finetune", "0.1", *sets)
+    assert first.exit_code == 0 and "shares the report column" not in first.output
+    second = invoke("eval", run.path, "--finetune", "0.1", *sets, "--set", "finetune.lr=0.01")
+    assert second.exit_code == 0, second.output
+    old = stage_dirs(run)[0].path.name  # oldest first
+    assert f"shares the report column finetune_10pct_top1 with stage {old}" in second.output
+    assert len(stage_dirs(run)) == 2 and all(f.is_done() for f in stage_dirs(run))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
