@@ -61,24 +61,6 @@ def _random_unit(rows: int, dim: int) -> Tensor:
     return F.normalize(torch.randn(rows, dim), dim=1)
 
 
-@torch.no_grad()
-def _ring_write(buffers: list[Tensor], ptr: Tensor, filled: Tensor, values: list[Tensor]) -> None:
-    """Write ``values`` (same first dimension B) into ring ``buffers`` (capacity K) at ``ptr``.
-
-    Only the last min(B, K) rows can survive, so only those are written; their slots are
-    ``(ptr + B - kept + arange(kept)) % K``, one ``index_copy_`` per buffer whatever B and K.
-    The pointer advances by B, so the ring order is the same as writing every row in turn.
-    """
-    capacity = buffers[0].shape[0]
-    count = values[0].shape[0]
-    kept = min(count, capacity)
-    slots = (ptr + (count - kept) + torch.arange(kept, device=ptr.device)) % capacity  # [kept]
-    for buffer, value in zip(buffers, values, strict=True):
-        buffer.index_copy_(0, slots, value[count - kept :].to(buffer.dtype))
-    ptr.copy_((ptr + count) % capacity)
-    filled.copy_((filled + kept).clamp_(max=capacity))
-
-
 class _Ring(nn.Module):
     """The bookkeeping of a ring buffer: the write pointer and the number of filled slots.
 
@@ -100,9 +82,22 @@ class _Ring(nn.Module):
 
     @torch.no_grad()
     def _write(self, buffers: list[Tensor], values: list[Tensor]) -> None:
-        _ring_write(buffers, self.ptr, self.filled, values)
+        """Write ``values`` (same first dimension B) into ring ``buffers`` (capacity K).
+
+        Only the last min(B, K) rows can survive, so only those are written; their slots are
+        ``(ptr + B - kept + arange(kept)) % K``, one ``index_copy_`` per buffer whatever B and
+        K. The pointer advances by B, so the ring order is the same as writing every row in turn.
+        """
+        capacity = buffers[0].shape[0]
+        count = values[0].shape[0]
+        kept = min(count, capacity)
+        slots = (self.ptr + (count - kept) + torch.arange(kept, device=self.ptr.device)) % capacity
+        for buffer, value in zip(buffers, values, strict=True):
+            buffer.index_copy_(0, slots, value[count - kept :].to(buffer.dtype))
+        self.ptr.copy_((self.ptr + count) % capacity)
+        self.filled.copy_((self.filled + kept).clamp_(max=capacity))
         if self._filled_host is not None:
-            self._filled_host = min(self._filled_host + values[0].shape[0], buffers[0].shape[0])
+            self._filled_host = min(self._filled_host + kept, capacity)
 
     def filled_count(self) -> int:
         """How many slots hold entries, without a device read once known."""
