@@ -7,8 +7,8 @@
 #      bf16, bf16 + channels_last and bf16 + channels_last + compile, in one run;
 #   3. the same for MoCo v2 with ResNet-50 at 224x224 (batch 128);
 #   4. real `cl run`s with the training set resident on the GPU: the shipped recipes/moco.toml
-#      in fp32, and a ResNet-18 32x32 MoCo v2 run on 20,000 glyphs with bf16, channels_last
-#      and compile;
+#      in fp32, and a ResNet-18 32x32 MoCo v2 run on 20,000 glyphs in fp32 and with bf16,
+#      channels_last and compile;
 #   5. the stages after pretraining on the GPU: `cl eval` of the default run with fine-tuning on
 #      1% and 10% of the labels, the linear probe, supervised from scratch and distillation.
 #
@@ -65,6 +65,8 @@ resnet18=(--set model.backbone=resnet18 --set model.small_stem=true --set data.i
 fast=(--set train.precision=bf16 --set train.channels_last=true --set train.compile=true)
 timeout 50 "$PY" -m cltool run recipes/moco.toml --set train.device=cuda --out "$RUNS/default" --force \
     2>&1 | tail -n 25 | tee -a "$LOG"
+timeout 60 "$PY" -m cltool run recipes/moco.toml --set train.device=cuda "${resnet18[@]}" \
+    --out "$RUNS/resnet18_fp32" --force 2>&1 | tail -n 25 | tee -a "$LOG"
 timeout 100 "$PY" -m cltool run recipes/moco.toml --set train.device=cuda "${resnet18[@]}" "${fast[@]}" \
     --out "$RUNS/resnet18_fast" --force 2>&1 | tail -n 25 | tee -a "$LOG"
 summaries "$RUNS" '*/*/*/summary.json' "$OUT/runs.json" imgs_per_s wall_s knn_top1 linear_top1
